@@ -1,0 +1,185 @@
+"""
+The pieces every script shares, each in one place: the tokenizer, token shards,
+checkpoints (atomic writes, safe loads), and the device / precision context.
+"""
+import contextlib
+import functools
+import glob
+import os
+import tempfile
+
+import numpy as np
+import torch
+
+from configurator import die
+
+EOT = 50256  # <|endoftext|> in GPT-2 BPE; it precedes every document
+VOCAB_SIZE = 50304  # GPT-2's 50257 padded up to a multiple of 64 for faster matmuls
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+
+@functools.lru_cache(maxsize=None)
+def get_encoding():
+    import tiktoken  # offline, this needs TIKTOKEN_CACHE_DIR pointing at the GPT-2 BPE files
+    return tiktoken.get_encoding("gpt2")
+
+
+def encode(text):
+    return get_encoding().encode_ordinary(text)
+
+
+def decode(ids):
+    return get_encoding().decode(list(ids))
+
+
+# -----------------------------------------------------------------------------
+# atomic writes: a crash leaves either the old file or the new one, never half of one
+
+
+def atomic_write(path, write_fn):
+    """Call write_fn(file) on a temporary file beside path, fsync it, then rename onto path."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_" + os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(directory, os.O_RDONLY)
+        os.fsync(dir_fd)
+        os.close(dir_fd)
+    except OSError:
+        pass
+
+
+# -----------------------------------------------------------------------------
+# token shards in llm.c / modded-nanogpt format: 256 int32 header, then uint16 tokens
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+
+
+def write_shard(path, tokens):
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
+        raise ValueError(f"token ids out of uint16 range for shard {path}")
+    header = np.zeros(HEADER_INTS, dtype=np.int32)
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, len(tokens))
+    atomic_write(path, lambda f: (f.write(header.tobytes()), f.write(tokens.astype(np.uint16).tobytes())))
+
+
+def read_shard(path, vocab_size=None):
+    """Memory-map a shard's tokens, checking its header and length; errors name the file."""
+    try:
+        header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    except OSError as e:
+        die(f"cannot read shard {path}: {e.strerror}")
+    if len(header) < HEADER_INTS or header[0] != SHARD_MAGIC:
+        die(f"{path} is not a token shard (bad magic number; expected llm.c format {SHARD_MAGIC})")
+    if header[1] != SHARD_VERSION:
+        die(f"{path} has shard version {header[1]}, expected {SHARD_VERSION}")
+    n = int(header[2])
+    expected = HEADER_INTS * 4 + 2 * n
+    if os.path.getsize(path) != expected:
+        die(f"{path} is truncated or padded: header says {n} tokens "
+            f"({expected} bytes), file has {os.path.getsize(path)} bytes")
+    tokens = np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(n,))
+    if vocab_size is not None and n and int(tokens.max()) >= vocab_size:
+        die(f"{path} holds token id {int(tokens.max())}, beyond the vocabulary size {vocab_size}")
+    return tokens
+
+
+def shard_paths(data_dir, split):
+    """The shards of a split: .bin files whose names contain 'train' or 'val', in name order."""
+    if not os.path.isdir(data_dir):
+        die(f"data_dir {data_dir!r} does not exist (run prepare.py first)")
+    paths = sorted(p for p in glob.glob(os.path.join(data_dir, "*.bin"))
+                   if split in os.path.basename(p))
+    if not paths:
+        die(f"no {split} shards (*{split}*.bin) in data_dir {data_dir!r} (run prepare.py first)")
+    return paths
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(checkpoint, path):
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+def load_checkpoint(path, device="cpu"):
+    """Load a checkpoint written by train.py. weights_only=True: no pickled code is run."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    if not os.path.isfile(path):
+        die(f"no checkpoint at {path}")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated, corrupted, or holding pickled objects
+        die(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    if not isinstance(checkpoint, dict) or not {"model", "model_args"} <= checkpoint.keys():
+        die(f"{path} is not a TopK LM checkpoint (no 'model' / 'model_args' entries)")
+    return checkpoint
+
+
+def load_model(path, device="cpu"):
+    """A trained model ready for inference: eval mode, alpha = 0 (fully sparse).
+    path is an out_dir (its ckpt.pt) or a checkpoint file. Returns (model, checkpoint)."""
+    from model import GPT, GPTConfig
+    checkpoint = load_checkpoint(path, device)
+    try:
+        model = GPT(GPTConfig(**checkpoint["model_args"]))
+        model.load_state_dict(checkpoint["model"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        die(f"checkpoint {path} does not fit the model: {str(e).splitlines()[0][:160]}")
+    model.set_alpha(0.0)
+    return model.to(device).eval(), checkpoint
+
+
+# -----------------------------------------------------------------------------
+# device and precision
+
+
+def resolve_device(device):
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype, device):
+    """'auto' is bf16 on a GPU that supports it, fp32 elsewhere."""
+    if dtype == "auto":
+        cuda_bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
+        dtype = "bfloat16" if cuda_bf16 else "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        die(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    return dtype
+
+
+def autocast(device, dtype):
+    """Mixed precision on CUDA (bf16 / fp16 autocast); plain fp32 on CPU."""
+    if dtype == "float32" or not device.startswith("cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda", dtype=getattr(torch, dtype))
+
+
+# dense bf16 tensor-core peak FLOP/s by GPU name (no sparsity), for model FLOPs utilisation
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
+                   "A10": 125e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12}
+
+
+def peak_flops(device):
+    """The peak of the GPU at device, found by its name; None where unknown (CPU, new GPUs)."""
+    if not str(device).startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)

@@ -1,0 +1,100 @@
+"""
+Command-line configuration shared by every script, in nanoGPT's style:
+
+    python train.py [config/some_file.py] [--key=value ...] [--help]
+
+A script defines its defaults as plain module-level variables, then calls
+`configure(globals())`. A config file is Python that assigns some of those names;
+`--key=value` overrides come after it. Only existing keys can be set, and a value must
+have its default's type (an int is accepted where a float is expected).
+"""
+import ast
+import os
+import re
+import sys
+
+SIMPLE_TYPES = (bool, int, float, str)
+
+
+def die(message):
+    """Stop with a one-line error and a non-zero exit, no traceback."""
+    raise SystemExit(f"error: {message}")
+
+
+def _convert(key, raw, default):
+    want = type(default)
+    if want is str:
+        return raw
+    if want is bool:
+        low = raw.lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        die(f"--{key} expects a bool (True/False), got {raw!r}")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        die(f"--{key} expects {want.__name__}, got {raw!r}")
+    return _check_type(key, value, default)
+
+
+def _check_type(key, value, default):
+    want = type(default)
+    if want is float and type(value) is int:
+        return float(value)
+    if type(value) is not want:
+        die(f"--{key} expects {want.__name__}, got {value!r}")
+    return value
+
+
+def _help_text(defaults, script):
+    """One line per key: its default and the comment written beside it in the script."""
+    comments = {}
+    try:
+        with open(script) as f:
+            for line in f:
+                m = re.match(r"^(\w+)\s*=\s*.+?#\s*(.*)$", line)
+                if m:
+                    comments[m.group(1)] = m.group(2).strip()
+    except OSError:
+        pass
+    name = os.path.basename(script)
+    lines = [f"usage: python {name} [config/FILE.py] [--key=value ...]", "", "keys (default):"]
+    for k, v in defaults.items():
+        lines.append(f"  --{k}={v!r}".ljust(40) + (f" {comments[k]}" if k in comments else ""))
+    return "\n".join(lines)
+
+
+def configure(namespace, argv=None):
+    """Apply the config file and --key=value overrides in argv to namespace (usually a script's
+    globals()); returns the resulting {key: value} of every configurable key."""
+    argv = sys.argv[1:] if argv is None else argv
+    defaults = {k: v for k, v in namespace.items()
+                if not k.startswith("_") and type(v) in SIMPLE_TYPES}
+    config = dict(defaults)
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(_help_text(defaults, namespace.get("__file__", sys.argv[0])))
+            raise SystemExit(0)
+        if not arg.startswith("--"):  # a config file
+            if not os.path.isfile(arg):
+                die(f"config file {arg!r} not found (arguments are a config file or --key=value)")
+            file_vars = {}
+            with open(arg) as f:
+                exec(f.read(), {}, file_vars)
+            for key, value in file_vars.items():
+                if key.startswith("_") or type(value) not in SIMPLE_TYPES:
+                    continue  # imports and helpers inside a config file
+                if key not in defaults:
+                    die(f"unknown key {key!r} in config file {arg}")
+                config[key] = _check_type(key, value, defaults[key])
+            continue
+        key, eq, raw = arg[2:].partition("=")
+        if not eq:
+            die(f"{arg!r} is not of the form --key=value")
+        if key not in defaults:
+            die(f"unknown flag --{key} (see --help)")
+        config[key] = _convert(key, raw, defaults[key])
+    namespace.update(config)
+    return config
