@@ -22,8 +22,12 @@ VOCAB_SIZE = 50304  # GPT-2's 50257 padded up to a multiple of 64 for faster mat
 
 @functools.lru_cache(maxsize=None)
 def get_encoding():
-    import tiktoken  # offline, this needs TIKTOKEN_CACHE_DIR pointing at the GPT-2 BPE files
-    return tiktoken.get_encoding("gpt2")
+    import tiktoken
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # tiktoken downloads the BPE files on first use
+        die(f"cannot load the GPT-2 tokenizer ({type(e).__name__}); offline, set "
+            "TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached GPT-2 files")
 
 
 def encode(text):
@@ -32,6 +36,20 @@ def encode(text):
 
 def decode(ids):
     return get_encoding().decode(list(ids))
+
+
+def encode_prompt(text, flag="--start"):
+    """A generation prompt: the text (or, as FILE:path, a file's text) after <|endoftext|>,
+    so the model starts it as a new document, as every training document started."""
+    if text.startswith("FILE:"):
+        try:
+            with open(text[5:], encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            die(f"{flag}: cannot read {text[5:]!r}: {e.strerror}")
+    if not text.strip():
+        die(f"{flag} is empty: give some text to continue")
+    return [EOT] + encode(text)
 
 
 # -----------------------------------------------------------------------------

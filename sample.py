@@ -1,0 +1,37 @@
+"""
+Sample from a trained TopK LM (alpha = 0: exactly k neurons per token, as after training).
+
+    python sample.py --out_dir=out-toy --start="The office" --num_samples=3
+"""
+import torch
+
+from common import autocast, decode, encode_prompt, load_model, resolve_device, resolve_dtype
+from configurator import configure, die
+
+# -----------------------------------------------------------------------------
+out_dir = 'out'  # the run to sample from (its ckpt.pt), or a checkpoint file
+start = 'The'  # the prompt; or FILE:path to read it from a file
+num_samples = 3  # number of samples
+max_new_tokens = 100  # tokens generated per sample
+temperature = 0.8  # < 1 sharper, > 1 more random; 0 = greedy
+top_k = 200  # sample among the top_k most likely tokens; 0 = all
+seed = 1337
+device = 'auto'  # 'auto', 'cpu', 'cuda', ...
+dtype = 'auto'  # 'auto' (bfloat16 on CUDA, float32 on CPU), 'float32', 'bfloat16'
+# -----------------------------------------------------------------------------
+configure(globals())
+if max_new_tokens < 1:
+    die(f"--max_new_tokens must be at least 1, got {max_new_tokens}")
+if temperature < 0:
+    die(f"--temperature must be >= 0, got {temperature}")
+
+device = resolve_device(device)
+model, _ = load_model(out_dir, device)
+prompt = encode_prompt(start)
+x = torch.tensor([prompt], dtype=torch.long, device=device)
+torch.manual_seed(seed)
+with autocast(device, resolve_dtype(dtype, device)):
+    for _ in range(num_samples):
+        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None)
+        print(decode(y[0, 1:].tolist()))  # without the <|endoftext|> the prompt starts with
+        print('---------------')

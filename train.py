@@ -1,0 +1,268 @@
+"""
+Train a TopK LM (or, with --topk=0, its dense GPT-2 twin).
+
+One process:    python train.py config/train_toy.py --max_iters=500
+Several GPUs:   torchrun --standalone --nproc_per_node=8 train.py config/train_fineweb_edu.py
+See every key:  python train.py --help
+"""
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from common import (autocast, load_checkpoint, peak_flops, read_shard, resolve_device,
+                    resolve_dtype, save_checkpoint, shard_paths, VOCAB_SIZE)
+from configurator import configure, die
+from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+# default config values: a FineWeb-Edu TopK LM of GPT-2 small size
+# I/O
+out_dir = 'out'  # checkpoints go here
+data_dir = 'data/fineweb-edu'  # token shards written by prepare.py
+init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+eval_interval = 1000  # evaluate and save ckpt.pt every this many iterations
+eval_iters = 100  # batches per evaluation (always the same tokens)
+log_interval = 10  # print a log line every this many iterations
+ckpt_interval = 1000  # keep ckpt_{iter}.pt every this many iterations, for formation analysis; 0 = never
+stop_iter = -1  # stop (and save) at this iteration without changing the schedule; -1 = at max_iters
+seed = 1337  # model init, data order and dropout all follow from it
+# data
+batch_size = 16  # micro-batch size (sequences)
+block_size = 1024  # context length
+gradient_accumulation_steps = 32  # micro-batches per optimizer step, over all processes
+# model
+n_layer = 12
+n_head = 12
+n_embd = 768
+dropout = 0.0
+bias = True  # biases in Linears and LayerNorms
+topk = 64  # k active MLP neurons per token in TopK blocks; 0 = dense baseline
+n_nontopk = 2  # the last n_nontopk blocks keep the dense GELU MLP
+annealing_ratio = 0.2  # alpha goes 1 -> 0 over this fraction of max_iters
+# AdamW
+learning_rate = 6e-4  # peak learning rate
+max_iters = 20000  # total optimizer steps
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # clip gradients at this norm; 0 = off
+# learning-rate schedule: linear warmup, cosine decay to min_lr
+warmup_iters = 700
+lr_decay_iters = 20000  # usually = max_iters
+min_lr = 6e-5  # usually learning_rate / 10
+# system
+backend = 'auto'  # DDP backend: 'auto' = nccl on CUDA, gloo on CPU
+device = 'auto'  # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = 'auto'  # 'auto' (bfloat16 on CUDA, float32 on CPU), 'float32', 'bfloat16', 'float16'
+compile = True  # torch.compile the model (used on CUDA only: on CPU compile time outweighs gains)
+# -----------------------------------------------------------------------------
+config = configure(globals())
+
+# -----------------------------------------------------------------------------
+# processes: torchrun sets RANK; every process runs this same script
+ddp = int(os.environ.get('RANK', -1)) != -1
+device = resolve_device(device)
+if ddp:
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
+    if device.startswith('cuda'):
+        device = f'cuda:{local_rank}'
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=('nccl' if device.startswith('cuda') else 'gloo') if backend == 'auto' else backend)
+else:
+    rank, local_rank, world_size = 0, 0, 1
+master = rank == 0
+if gradient_accumulation_steps % world_size:
+    die(f"--gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the {world_size} processes")
+accum_per_rank = gradient_accumulation_steps // world_size
+dtype = resolve_dtype(dtype, device)
+device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+ctx = autocast(device, dtype)
+torch.manual_seed(seed)  # the same initial weights in every process
+if device_type == 'cuda':
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+if master:
+    print(f"tokens per iteration: {tokens_per_iter:,} ({gradient_accumulation_steps} x {batch_size} x {block_size})")
+    os.makedirs(out_dir, exist_ok=True)
+
+# -----------------------------------------------------------------------------
+# data: memory-mapped shards; every batch is a pure function of (seed, iteration, micro-batch),
+# so a resumed run and a run over any number of processes see exactly the same tokens
+splits = {s: [read_shard(p, VOCAB_SIZE) for p in shard_paths(data_dir, s)] for s in ('train', 'val')}
+for s, shards in splits.items():
+    longest = max(len(t) for t in shards)
+    if longest <= block_size:
+        die(f"--block_size={block_size} needs shards longer than it, but the longest {s} shard in {data_dir} has {longest} tokens")
+
+
+def batch_at(split, starts):
+    """Sequences starting at the given (shard, offset) pairs: inputs x and next-token targets y."""
+    rows = [torch.from_numpy(splits[split][s][o:o + block_size + 1].astype(np.int64)) for s, o in starts]
+    xy = torch.stack(rows)
+    x, y = xy[:, :-1], xy[:, 1:]
+    if device_type == 'cuda':  # pinned memory lets the copy overlap with compute
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def random_starts(split, rng, n):
+    shards = splits[split]
+    sizes = np.array([max(len(t) - block_size - 1, 0) for t in shards], dtype=np.float64)
+    which = rng.choice(len(shards), size=n, p=sizes / sizes.sum())  # uniform over all positions
+    return [(s, int(rng.integers(0, sizes[s] + 1))) for s in which]
+
+
+def get_batch(it, micro):
+    """Training micro-batch number `micro` (0 .. gradient_accumulation_steps-1) of iteration it."""
+    return batch_at('train', random_starts('train', np.random.default_rng([seed, it, micro]), batch_size))
+
+
+@torch.no_grad()
+def estimate_loss():
+    """Mean loss on fixed positions: the same eval_iters batches at every evaluation."""
+    out = {}
+    eval_model.eval()
+    for split in ('train', 'val'):
+        starts = random_starts(split, np.random.default_rng([seed, 2**31 - 1]), eval_iters * batch_size)
+        losses = torch.zeros(eval_iters)
+        for i in range(eval_iters):
+            with ctx:
+                _, loss = eval_model(*batch_at(split, starts[i * batch_size:(i + 1) * batch_size]))
+            losses[i] = loss.item()
+        out[split] = losses.mean().item()
+    eval_model.train()
+    return out
+
+
+# -----------------------------------------------------------------------------
+# model and optimizer, from scratch or from out_dir/ckpt.pt
+model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
+                  vocab_size=VOCAB_SIZE, dropout=dropout, topk=topk, n_nontopk=n_nontopk)
+iter_num, best_val_loss, checkpoint = 0, 1e9, None
+if init_from == 'resume':
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    if not os.path.exists(ckpt_path):
+        die(f"--init_from=resume but there is no checkpoint at {ckpt_path}")
+    checkpoint = load_checkpoint(ckpt_path, 'cpu')
+    for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'topk', 'n_nontopk'):
+        if checkpoint['model_args'].get(k) != model_args[k]:
+            die(f"--{k}={model_args[k]} differs from the checkpoint's {k}={checkpoint['model_args'].get(k)} in {ckpt_path}")
+    iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
+elif init_from != 'scratch':
+    die(f"--init_from must be 'scratch' or 'resume', got {init_from!r}")
+try:
+    model = GPT(GPTConfig(**model_args))
+except ValueError as e:
+    die(str(e))
+if checkpoint is not None:
+    model.load_state_dict(checkpoint['model'])
+model.to(device)
+scaler = torch.amp.GradScaler(enabled=(dtype == 'float16'))  # bf16 and fp32 need no loss scaling
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+if checkpoint is not None:
+    optimizer.load_state_dict(checkpoint['optimizer'])
+    checkpoint = None  # free memory
+raw_model = model
+if compile and device_type == 'cuda':
+    model = torch.compile(model)
+eval_model = model  # evaluation runs on rank 0 alone, so never through DDP's collectives
+if ddp:  # alpha is set alike on every rank: no buffers to broadcast
+    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None, broadcast_buffers=False)
+
+
+def get_lr(it):
+    """Linear warmup for warmup_iters, then cosine decay to min_lr at lr_decay_iters."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it > lr_decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / max(lr_decay_iters - warmup_iters, 1)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+def get_alpha(it):
+    """SPEC section 1: 1 (dense) at the start, linearly to 0 (exactly k) at annealing_ratio * max_iters."""
+    if annealing_ratio <= 0:
+        return 0.0
+    return max(0.0, 1.0 - it / (annealing_ratio * max_iters))
+
+
+def save(path, full):
+    """ckpt.pt holds what resuming needs; the ckpt_{iter}.pt series only the model."""
+    ckpt = {'model': raw_model.state_dict(), 'model_args': model_args, 'iter_num': iter_num, 'config': config}
+    if full:
+        ckpt.update(optimizer=optimizer.state_dict(), best_val_loss=best_val_loss)
+    save_checkpoint(ckpt, path)
+
+
+# -----------------------------------------------------------------------------
+# training loop
+end_iter = max_iters if stop_iter < 0 else min(stop_iter, max_iters)
+flops_per_iter = raw_model.flops_per_token() * tokens_per_iter
+peak = peak_flops(device)
+start_iter, t0 = iter_num, time.time()
+while True:
+    lr, alpha = get_lr(iter_num), get_alpha(iter_num)
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    raw_model.set_alpha(alpha)
+    # dropout's random stream is a function of (seed, iteration, rank) too, so resuming
+    # needs no saved RNG state and reproduces the uninterrupted run bit for bit
+    torch.manual_seed(seed + 4096 * iter_num + rank)
+
+    resumed_here = init_from == 'resume' and iter_num == start_iter  # this state is already on disk
+    if master and (iter_num % eval_interval == 0 and not resumed_here and iter_num > 0 or iter_num == end_iter):
+        losses = estimate_loss()
+        if not math.isfinite(losses['val']):
+            die(f"validation loss is {losses['val']} at iteration {iter_num}; not saving over the last good checkpoint in {out_dir}")
+        best_val_loss = min(best_val_loss, losses['val'])
+        print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
+              f"val ppl {math.exp(losses['val']):.2f}", flush=True)
+        save(os.path.join(out_dir, 'ckpt.pt'), full=True)
+    if master and ckpt_interval > 0 and iter_num % ckpt_interval == 0 and not resumed_here:
+        save(os.path.join(out_dir, f'ckpt_{iter_num:06d}.pt'), full=False)
+    if iter_num >= end_iter:
+        break
+
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(accum_per_rank):
+        x, y = get_batch(iter_num, rank * accum_per_rank + micro)
+        if ddp:  # average gradients across processes only on the last micro-batch
+            model.require_backward_grad_sync = micro == accum_per_rank - 1
+        with ctx:
+            _, loss = model(x, y)
+            loss = loss / accum_per_rank  # DDP averages over processes, completing the mean
+        loss_sum += loss.detach()
+        scaler.scale(loss).backward()
+    if ddp:  # the loss over the whole global batch, as one process would see it
+        dist.all_reduce(loss_sum)
+        loss_sum /= world_size
+    last_loss = loss_sum.item()
+    if not math.isfinite(last_loss):
+        # stop before the optimizer step: ckpt.pt still holds the last good model
+        die(f"loss is {last_loss} at iteration {iter_num}; stopping without saving (lower "
+            f"--learning_rate or check the data). The last good checkpoint is in {out_dir}")
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+    iter_num += 1
+    if master and iter_num % log_interval == 0:
+        dt, t0 = time.time() - t0, time.time()
+        line = (f"iter {iter_num}: loss {last_loss:.6f}, lr {lr:.3e}, alpha {alpha:.3f}, "
+                f"{tokens_per_iter * log_interval / dt:,.0f} tok/s")
+        if peak:
+            line += f", mfu {100 * flops_per_iter * log_interval / dt / peak:.1f}%"
+        print(line, flush=True)
+
+if ddp:
+    dist.destroy_process_group()
