@@ -9,9 +9,11 @@ import os
 import tempfile
 
 import numpy as np
-import torch
 
 from configurator import die
+
+# torch is imported inside the functions that use it: prepare.py needs none of them and so
+# starts without torch's 1.5 s import
 
 EOT = 50256  # <|endoftext|> in GPT-2 BPE; it precedes every document
 VOCAB_SIZE = 50304  # GPT-2's 50257 padded up to a multiple of 64 for faster matmuls
@@ -56,12 +58,17 @@ def encode_prompt(text, flag="--start"):
 # atomic writes: a crash leaves either the old file or the new one, never half of one
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 def atomic_write(path, write_fn):
     """Call write_fn(file) on a temporary file beside path, fsync it, then rename onto path."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_" + os.path.basename(path))
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes owner-only files; use the usual mode
         with os.fdopen(fd, "wb") as f:
             write_fn(f)
             f.flush()
@@ -131,11 +138,13 @@ def shard_paths(data_dir, split):
 
 
 def save_checkpoint(checkpoint, path):
+    import torch
     atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
 def load_checkpoint(path, device="cpu"):
     """Load a checkpoint written by train.py. weights_only=True: no pickled code is run."""
+    import torch
     if os.path.isdir(path):
         path = os.path.join(path, "ckpt.pt")
     if not os.path.isfile(path):
@@ -168,6 +177,7 @@ def load_model(path, device="cpu"):
 
 
 def resolve_device(device):
+    import torch
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
@@ -175,6 +185,7 @@ def resolve_device(device):
 
 def resolve_dtype(dtype, device):
     """'auto' is bf16 on a GPU that supports it, fp32 elsewhere."""
+    import torch
     if dtype == "auto":
         cuda_bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
         dtype = "bfloat16" if cuda_bf16 else "float32"
@@ -185,6 +196,7 @@ def resolve_dtype(dtype, device):
 
 def autocast(device, dtype):
     """Mixed precision on CUDA (bf16 / fp16 autocast); plain fp32 on CPU."""
+    import torch
     if dtype == "float32" or not device.startswith("cuda"):
         return contextlib.nullcontext()
     return torch.autocast(device_type="cuda", dtype=getattr(torch, dtype))
@@ -197,6 +209,7 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e1
 
 def peak_flops(device):
     """The peak of the GPU at device, found by its name; None where unknown (CPU, new GPUs)."""
+    import torch
     if not str(device).startswith("cuda"):
         return None
     name = torch.cuda.get_device_name(device)

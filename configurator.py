@@ -66,16 +66,27 @@ def _help_text(defaults, script):
     return "\n".join(lines)
 
 
+def _assigned_names(script):
+    """Names a script assigns at its top level (`name = ...` at the start of a line)."""
+    try:
+        with open(script) as f:
+            return {m.group(1) for m in re.finditer(r"^(\w+)\s*=", f.read(), re.M)}
+    except OSError:
+        return None
+
+
 def configure(namespace, argv=None):
     """Apply the config file and --key=value overrides in argv to namespace (usually a script's
     globals()); returns the resulting {key: value} of every configurable key."""
     argv = sys.argv[1:] if argv is None else argv
+    script = namespace.get("__file__", sys.argv[0])
+    assigned = _assigned_names(script)  # the script's own defaults, not constants it imported
     defaults = {k: v for k, v in namespace.items()
-                if not k.startswith("_") and type(v) in SIMPLE_TYPES}
+                if not k.startswith("_") and type(v) in SIMPLE_TYPES and (assigned is None or k in assigned)}
     config = dict(defaults)
     for arg in argv:
         if arg in ("-h", "--help"):
-            print(_help_text(defaults, namespace.get("__file__", sys.argv[0])))
+            print(_help_text(defaults, script))
             raise SystemExit(0)
         if not arg.startswith("--"):  # a config file
             if not os.path.isfile(arg):
