@@ -25,9 +25,9 @@ if max_new_tokens < 1:
 if temperature < 0:
     die(f"--temperature must be >= 0, got {temperature}")
 
+prompt = encode_prompt(start)  # before loading the model, so a bad prompt fails at once
 device = resolve_device(device)
 model, _ = load_model(out_dir, device)
-prompt = encode_prompt(start)
 x = torch.tensor([prompt], dtype=torch.long, device=device)
 torch.manual_seed(seed)
 with autocast(device, resolve_dtype(dtype, device)):

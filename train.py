@@ -5,6 +5,7 @@ One process:    python train.py config/train_toy.py --max_iters=500
 Several GPUs:   torchrun --standalone --nproc_per_node=8 train.py config/train_fineweb_edu.py
 See every key:  python train.py --help
 """
+import glob
 import math
 import os
 import time
@@ -89,7 +90,6 @@ if device_type == 'cuda':
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 if master:
     print(f"tokens per iteration: {tokens_per_iter:,} ({gradient_accumulation_steps} x {batch_size} x {block_size})")
-    os.makedirs(out_dir, exist_ok=True)
 
 # -----------------------------------------------------------------------------
 # data: memory-mapped shards; every batch is a pure function of (seed, iteration, micro-batch),
@@ -113,14 +113,19 @@ def batch_at(split, starts):
 
 def random_starts(split, rng, n):
     shards = splits[split]
-    sizes = np.array([max(len(t) - block_size - 1, 0) for t in shards], dtype=np.float64)
-    which = rng.choice(len(shards), size=n, p=sizes / sizes.sum())  # uniform over all positions
-    return [(s, int(rng.integers(0, sizes[s] + 1))) for s in which]
+    positions = np.array([max(len(t) - block_size, 0) for t in shards])  # where a block_size + 1 window fits
+    which = rng.choice(len(shards), size=n, p=positions / positions.sum())  # uniform over all positions
+    return [(s, int(rng.integers(0, positions[s]))) for s in which]
 
 
 def get_batch(it, micro):
-    """Training micro-batch number `micro` (0 .. gradient_accumulation_steps-1) of iteration it."""
-    return batch_at('train', random_starts('train', np.random.default_rng([seed, it, micro]), batch_size))
+    """Training micro-batch number `micro` (0 .. gradient_accumulation_steps-1) of iteration it.
+    It also reseeds torch's generator, so that dropout on this micro-batch, like its tokens, follows
+    from (seed, it, micro) alone: a resumed run needs no saved RNG state, and two processes with one
+    micro-batch each draw the same dropout masks as one process with two, bit for bit."""
+    rng = np.random.default_rng([seed, it, micro])
+    torch.manual_seed(int(rng.integers(2**63)))
+    return batch_at('train', random_starts('train', rng, batch_size))
 
 
 @torch.no_grad()
@@ -150,6 +155,9 @@ if init_from == 'resume':
     if not os.path.exists(ckpt_path):
         die(f"--init_from=resume but there is no checkpoint at {ckpt_path}")
     checkpoint = load_checkpoint(ckpt_path, 'cpu')
+    missing = {'optimizer', 'iter_num', 'best_val_loss'} - checkpoint.keys()
+    if missing:  # e.g. a ckpt_{iter}.pt snapshot copied over ckpt.pt: it holds the model alone
+        die(f"{ckpt_path} cannot be resumed from: it has no {', '.join(sorted(missing))}")
     for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'topk', 'n_nontopk'):
         if checkpoint['model_args'].get(k) != model_args[k]:
             die(f"--{k}={model_args[k]} differs from the checkpoint's {k}={checkpoint['model_args'].get(k)} in {ckpt_path}")
@@ -207,14 +215,14 @@ end_iter = max_iters if stop_iter < 0 else min(stop_iter, max_iters)
 flops_per_iter = raw_model.flops_per_token() * tokens_per_iter
 peak = peak_flops(device)
 start_iter, t0 = iter_num, time.time()
+if master:  # a run killed while saving leaves its temporary file (common.atomic_write) behind
+    for stale in glob.glob(os.path.join(out_dir, '.tmp_ckpt*')):
+        os.remove(stale)
 while True:
     lr, alpha = get_lr(iter_num), get_alpha(iter_num)
     for group in optimizer.param_groups:
         group['lr'] = lr
     raw_model.set_alpha(alpha)
-    # dropout's random stream is a function of (seed, iteration, rank) too, so resuming
-    # needs no saved RNG state and reproduces the uninterrupted run bit for bit
-    torch.manual_seed(seed + 4096 * iter_num + rank)
 
     resumed_here = init_from == 'resume' and iter_num == start_iter  # this state is already on disk
     if master and (iter_num % eval_interval == 0 and not resumed_here and iter_num > 0 or iter_num == end_iter):
@@ -232,7 +240,7 @@ while True:
 
     loss_sum = torch.zeros((), device=device)
     for micro in range(accum_per_rank):
-        x, y = get_batch(iter_num, rank * accum_per_rank + micro)
+        x, y = get_batch(iter_num, rank * accum_per_rank + micro)  # reseeds dropout too
         if ddp:  # average gradients across processes only on the last micro-batch
             model.require_backward_grad_sync = micro == accum_per_rank - 1
         with ctx:
