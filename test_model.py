@@ -15,14 +15,12 @@ from common import EOT, encode, write_shard
 from model import GPT, GPTConfig, TopK
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ENV = {**os.environ, "TIKTOKEN_CACHE_DIR": os.path.join(HERE, "..", "shared", "tiktoken_cache")}
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", ENV["TIKTOKEN_CACHE_DIR"])
 TINY = dict(block_size=32, vocab_size=128, n_layer=3, n_head=2, n_embd=32, topk=8, n_nontopk=1)
 
 
 def run(script, *args, cwd=HERE):
     return subprocess.run([sys.executable, os.path.join(HERE, script), *args], cwd=cwd,
-                          env=ENV, capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120)
 
 
 def tiny_model(**overrides):
