@@ -34,8 +34,7 @@ from common import VOCAB_SIZE, encode_prompt, load_checkpoint, read_shard, shard
 HERE = os.path.dirname(os.path.abspath(__file__))
 # one thread per process: these runs are too small to gain from more, and on a busy 2-core machine
 # threads waiting for each other make them several times slower
-ENV = {**os.environ, "TIKTOKEN_CACHE_DIR": os.path.join(HERE, "..", "shared", "tiktoken_cache"),
-       "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 # 4 iterations of 2 micro-batches; dropout on and alpha annealing over iterations 0-2, so exact resume
 # and DDP cover both; ckpt.pt is saved at iterations 2 and 4, the ckpt_{iter}.pt series at 0, 2, 4
@@ -390,15 +389,19 @@ def test_checkpoints_hold_only_tensors_and_plain_python_values(reference):
 def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(data, reference, tmp_path):
     shutil.copy(reference.out / "ckpt.pt", tmp_path)
     good, before = sha256(tmp_path / "ckpt.pt"), fingerprint(tmp_path)
-    # a learning rate of 1e6 without gradient clipping: the loss is NaN within a few steps
-    # (--ckpt_interval=0: a ckpt_{iter}.pt snapshot due at the failing iteration is written before
-    # that iteration's loss is known; only ckpt.pt, the one to resume from, is at stake here)
+    # a learning rate of 1e6 without gradient clipping: the loss is NaN within a few steps; a
+    # ckpt_{iter}.pt snapshot is due at every iteration, and none of a diverged model may be written
     result = run("train.py", *TRAIN, f"--data_dir={data}", f"--out_dir={tmp_path}", "--init_from=resume",
-                 "--max_iters=12", "--lr_decay_iters=12", "--eval_interval=100", "--ckpt_interval=0",
+                 "--max_iters=12", "--lr_decay_iters=12", "--eval_interval=100", "--ckpt_interval=1",
                  "--learning_rate=1e6", "--min_lr=1e6", "--grad_clip=0")
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and re.match(r"error: loss is (nan|-?inf) at iteration \d+; stopping without saving",
-                                        lines[0]), result.stderr
+    failed = re.match(r"error: loss is (nan|-?inf) at iteration (\d+); stopping without saving", lines[0])
+    assert len(lines) == 1 and failed, result.stderr
     assert f"The last good checkpoint is in {tmp_path}" in lines[0]
-    assert fingerprint(tmp_path) == before and sha256(tmp_path / "ckpt.pt") == good
+    assert sha256(tmp_path / "ckpt.pt") == good
+    snapshots = sorted(glob.glob(str(tmp_path / "ckpt_*.pt")))
+    assert [os.path.basename(p) for p in snapshots] == [f"ckpt_{i:06d}.pt" for i in range(5, int(failed[2]))]
+    for path in snapshots:  # the models before the failing iteration, none after it
+        assert all(torch.isfinite(w).all() for w in torch.load(path, weights_only=True)["model"].values()), path
+    assert {k: v for k, v in fingerprint(tmp_path).items() if not k.startswith("ckpt_")} == before
