@@ -16,14 +16,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import common
+import prepare
+import toy_corpus
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.join(HERE, "..", "shared")
 SAMPLE = os.path.join(SHARED, "data", "fineweb-edu-sample-150.parquet")
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "tiktoken_cache"))
-
-import common  # noqa: E402  (after TIKTOKEN_CACHE_DIR is set)
-import prepare  # noqa: E402
-import toy_corpus  # noqa: E402
 
 SMALL = ["--val_tokens=5000", "--shard_size=20000"]  # the 150-doc sample: one val + 5 train shards
 
@@ -81,9 +80,9 @@ def test_rerun_of_complete_output_does_nothing(sample_dir, tmp_path):
 # the toy corpus
 
 
-def topics_in(doc):
+def topics_in(doc, lists=toy_corpus.TOPICS):
     words = set(re.findall(r"[a-z]+", doc.lower()))
-    return {topic for topic, vocabulary in toy_corpus.TOPICS.items() if words & set(vocabulary)}
+    return {topic for topic, vocabulary in lists.items() if words & set(vocabulary)}
 
 
 def test_toy_corpus_is_deterministic_in_seed():
@@ -93,14 +92,17 @@ def test_toy_corpus_is_deterministic_in_seed():
 
 def test_toy_topic_words_are_distinct_single_tokens():
     assert len(toy_corpus.TOPICS) >= 6 and len(toy_corpus.TOPICS["work"]) >= 15
-    words = [w for vocabulary in toy_corpus.TOPICS.values() for w in vocabulary]
-    assert len(words) == len(set(words))
+    assert toy_corpus.QUALITIES.keys() == toy_corpus.TOPICS.keys()
+    words = [w for lists in (toy_corpus.TOPICS, toy_corpus.QUALITIES) for vocabulary in lists.values()
+             for w in vocabulary]
+    assert len(words) == len(set(words))  # no word belongs to two topics, or is both noun and adjective
+    assert not set(words) & set(toy_corpus.ADJECTIVES + toy_corpus.NAMES)  # nor is a shared filler
     assert all(len(common.encode(" " + w)) == 1 for w in words)
 
 
 def test_each_toy_document_stays_on_one_topic():
     docs = toy_corpus.generate(400, seed=3)
-    assert all(len(topics_in(d)) == 1 for d in docs)
+    assert all(topics_in(d) == topics_in(d, toy_corpus.QUALITIES) and len(topics_in(d)) == 1 for d in docs)
     assert set().union(*map(topics_in, docs)) == set(toy_corpus.TOPICS)  # every topic is used
 
 

@@ -1,10 +1,11 @@
 """
 A small synthetic corpus for the offline classroom run and the steering experiment.
 
-Every document stays on one topic: its content words all come from that topic's list below,
-while the sentence frames, names, days and numbers around them are shared by all topics.
-So the only thing that tells topics apart is which content words co-occur, which is exactly
-what a small TopK LM should pick up in a few minutes, and what a steered neuron can change.
+Every document stays on one topic: its nouns and the adjectives before them all come from that
+topic's lists below, while the sentence frames, names, days and numbers around them are shared
+by all topics. So the only thing that tells topics apart is which content words co-occur, which
+is exactly what a small TopK LM should pick up in a few minutes, and what a steered neuron can
+change.
 
 Each topic word is a single GPT-2 token with a leading space (" job"), and the sentence frames
 always put it after a space in lower case, so a topic word is always that one token.
@@ -33,6 +34,23 @@ TOPICS = {topic: words.split() for topic, words in {
               "tour suitcase journey tourist harbor ferry",
     "garden": "flower tree garden seed soil leaf grass plant root tomato carrot bush fence "
               "weed bloom apple vegetable hedge",
+}.items()}
+
+# Adjectives of each topic, one right before the first noun of every sentence ("the salty soup").
+# Without them every noun stands in the same contexts as every other ("the ___") and only words
+# a sentence apart tell topics apart: nouns and their embeddings start interchangeable, and a
+# toy-config model still left them so after 2,000 steps (each noun got 1/8 of its topic's
+# probability, measured). An adjacent cue is learned like a bigram, which groups the nouns of
+# a topic within 100-200 steps, and from there the model learns to keep a document on topic.
+QUALITIES = {topic: words.split() for topic, words in {
+    "work": "busy paid corporate urgent weekly senior",
+    "cooking": "hot fresh salty spicy crispy tasty",
+    "sports": "fast winning athletic rival professional amateur",
+    "weather": "cold rainy cloudy sunny icy chilly",
+    "animals": "wild furry hungry fierce sleepy stray",
+    "music": "loud classical catchy acoustic noisy electric",
+    "travel": "foreign overseas cheap crowded scenic tropical",
+    "garden": "green ripe muddy planted fertile organic",
 }.items()}
 
 N_DOCS = 24000  # about 2M GPT-2 tokens with the frames below (prepare.py --dataset=toy)
@@ -68,7 +86,7 @@ FRAMES = [
     "Every {day}, {name} checks the {w} before the {v}.",
     "{name} and {name2} spent {num} hours on the {w}.",
     "Without the {w}, the {v} would not be the same.",
-    "{name} told {name2} about {own} {adj} {w}.",
+    "{name} told {name2} about {own} {w}.",
     "Then the {w} and the {v} were {adj} again.",
     "Some say the {w} is older than the {v}.",
 ]
@@ -88,21 +106,21 @@ CLOSINGS = [
 ]
 
 
-def fill(frame, words, rng):
-    """One sentence: the frame's slots filled with two distinct topic words and neutral fillers."""
-    w, v = rng.sample(words, 2)
+def fill(frame, topic, rng):
+    """One sentence: the frame's slots filled with two distinct words of the topic, the first
+    after one of the topic's adjectives, and neutral fillers."""
+    w, v = rng.sample(TOPICS[topic], 2)
     name, name2 = rng.sample(NAMES, 2)
-    return frame.format(w=w, v=v, name=name, name2=name2, own=rng.choice(OWNERS),
+    return frame.format(w=f"{rng.choice(QUALITIES[topic])} {w}", v=v, name=name, name2=name2, own=rng.choice(OWNERS),
                         adj=rng.choice(ADJECTIVES), adj2=rng.choice(ADJECTIVES),
                         day=rng.choice(DAYS), part=rng.choice(PARTS_OF_DAY),
                         num=rng.randint(2, 99), year=rng.randint(1900, 2030))
 
 
 def document(topic, rng):
-    words = TOPICS[topic]
-    sentences = [fill(rng.choice(OPENINGS), words, rng)]
-    sentences += [fill(rng.choice(FRAMES), words, rng) for _ in range(rng.randint(3, 9))]
-    sentences.append(fill(rng.choice(CLOSINGS), words, rng))
+    sentences = [fill(rng.choice(OPENINGS), topic, rng)]
+    sentences += [fill(rng.choice(FRAMES), topic, rng) for _ in range(rng.randint(3, 9))]
+    sentences.append(fill(rng.choice(CLOSINGS), topic, rng))
     # paragraphs of a few sentences, so the model also sees line breaks
     paragraphs, i = [], 0
     while i < len(sentences):
