@@ -1,0 +1,212 @@
+"""Tests of the fast paths: each must give the reference path's numbers. Speed is bench.py's job."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sparse_mlp
+from model import GPT, MLP, GPTConfig
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture
+def fast_calls(monkeypatch):
+    """Counts the MLPs that took the sparse path."""
+    calls = []
+    real = sparse_mlp.topk_mlp
+
+    def counted(*args):
+        calls.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(sparse_mlp, "topk_mlp", counted)
+    monkeypatch.setattr(sparse_mlp, "enabled", True)
+    return calls
+
+
+def run_mlp(mlp, x, g, fast):
+    sparse_mlp.enabled = fast
+    try:
+        mlp.zero_grad(set_to_none=True)
+        x = x.detach().requires_grad_()
+        out = mlp(x)
+        out.backward(g)
+    finally:
+        sparse_mlp.enabled = True
+    return [out.detach(), x.grad] + [p.grad for p in mlp.parameters()]
+
+
+@pytest.mark.parametrize("n_embd,k,bias,dtype", [
+    (40, 7, True, torch.float64),  # widths that are not powers of two
+    (40, 7, False, torch.float64),
+    (32, 1, True, torch.float64),
+    (48, 192, True, torch.float64),  # k = d_ff: nothing is dropped
+    (64, 16, True, torch.float32),
+])
+def test_sparse_mlp_equals_reference(n_embd, k, bias, dtype, fast_calls):
+    torch.manual_seed(0)
+    mlp = MLP(GPTConfig(n_embd=n_embd, n_head=1, bias=bias, topk=k), k).to(dtype)
+    x = torch.randn(3, 11, n_embd, dtype=dtype)
+    g = torch.randn(3, 11, n_embd, dtype=dtype)
+    ref = run_mlp(mlp, x, g, fast=False)
+    assert fast_calls == []
+    fast = run_mlp(mlp, x, g, fast=True)
+    assert fast_calls == [k]
+    assert len(ref) == (6 if bias else 4)  # output, input and every parameter
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_sparse_mlp_gradcheck():
+    torch.manual_seed(0)
+    C, F, N, k = 6, 24, 5, 4
+    args = [torch.randn(N, C), torch.randn(F, C), torch.randn(F), torch.randn(C, F), torch.randn(C)]
+    args = [a.double().requires_grad_() for a in args]
+    assert torch.autograd.gradcheck(lambda *a: sparse_mlp.TopKMLP.apply(*a, k), args)
+
+
+def test_sparse_path_saves_no_dense_activation():
+    """Only h and k values and indices per token are kept for the backward, no (N, d_ff) tensor."""
+    torch.manual_seed(0)
+    N, C, k = 50, 40, 7
+    mlp = MLP(GPTConfig(n_embd=C, n_head=1, topk=k), k)
+    sizes = []
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter):
+            sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        mlp(torch.randn(1, N, C, requires_grad=True))
+    assert sizes and max(sizes) == N * C  # h itself; the dense path keeps N * 4C more than once
+
+
+def tiny_model(topk=7, **kw):
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=97, block_size=16, n_layer=3, n_head=4, n_embd=40, topk=topk, n_nontopk=1)
+    return GPT(GPTConfig(**{**cfg, **kw}))
+
+
+def test_training_step_equals_reference(fast_calls):
+    model = tiny_model().double()
+    idx = torch.randint(97, (2, 16), generator=torch.Generator().manual_seed(1))
+    results = []
+    for fast in (False, True):
+        sparse_mlp.enabled = fast
+        model.zero_grad(set_to_none=True)
+        _, loss = model(idx, idx.roll(-1, 1))
+        loss.backward()
+        results.append([loss.detach()] + [p.grad for p in model.parameters()])
+    sparse_mlp.enabled = True
+    assert fast_calls == [7, 7]  # the two TopK blocks of three, once
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_only_alpha_zero_is_sparse(fast_calls):
+    model = tiny_model()
+    idx = torch.randint(97, (2, 16))
+    for alpha, n_fast in ((1.0, 0), (0.5, 0), (1e-9, 0), (0.0, 2)):
+        fast_calls.clear()
+        model.set_alpha(alpha)
+        model(idx)
+        assert len(fast_calls) == n_fast, alpha
+
+
+def test_hooks_on_the_activation_force_the_reference(fast_calls):
+    """Capturing and steering neurons hook mlp.act: the hook must see and change the real tensor."""
+    model = tiny_model().eval()
+    idx = torch.randint(97, (1, 16))
+    with torch.no_grad():
+        plain = model(idx)[0]
+    seen = []
+
+    def steer(module, inputs, out):
+        seen.append(out.clone())
+        out[..., 3] = 5.0  # after the TopK mask, as steer.py does
+        return out
+
+    handle = model.transformer.h[0].mlp.act.register_forward_hook(steer)
+    fast_calls.clear()
+    with torch.no_grad():
+        steered = model(idx)[0]
+        assert fast_calls == [7]  # block 1 is unhooked and stays fast
+        sparse_mlp.enabled = False
+        reference = model(idx)[0]
+        sparse_mlp.enabled = True
+    handle.remove()
+    assert seen[0].shape == (1, 16, 160) and ((seen[0] != 0).sum(-1) == 7).all()
+    torch.testing.assert_close(steered, reference)
+    assert not torch.allclose(steered, plain)
+
+
+def test_autocast_and_compile_use_the_reference(fast_calls):
+    model = tiny_model()
+    idx = torch.randint(97, (1, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(idx)
+    assert fast_calls == []
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")  # traces MLP.forward without a C++ compiler
+    with torch.no_grad():
+        out = compiled(idx)[0]
+        assert fast_calls == []
+        torch.testing.assert_close(out, model(idx)[0])
+    assert fast_calls == [7, 7]
+
+
+def test_sparse_decoding_equals_dense_and_follows_weight_updates(fast_calls):
+    model = tiny_model().eval()
+    prompt = torch.randint(97, (1, 5))
+    outs = []
+    for fast in (False, True):
+        sparse_mlp.enabled = fast
+        outs.append(model.generate(prompt, 8, temperature=0))
+    sparse_mlp.enabled = True
+    assert fast_calls and torch.equal(outs[0], outs[1])
+    # the transposed c_proj kept for decoding must follow in-place updates of the weight
+    key = "transformer.h.0.mlp.c_proj.weight"
+    other = {**model.state_dict(), key: torch.randn(40, 160) * 0.1}
+    for update in (lambda: model.get_parameter(key).mul_(-2.0), lambda: model.load_state_dict(other)):
+        with torch.no_grad():
+            before = model(prompt)[0]
+            update()
+            fast = model(prompt)[0]
+            sparse_mlp.enabled = False
+            ref = model(prompt)[0]
+            sparse_mlp.enabled = True
+        assert not torch.allclose(before, ref)
+        torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("topk", [0, 7])
+def test_kv_cache_equals_no_cache(topk):
+    model = tiny_model(topk=topk).eval()
+    prompt = torch.randint(97, (2, 6), generator=torch.Generator().manual_seed(2))
+    # 6 + 24 tokens runs past block_size 16, where the cache is dropped and rebuilt
+    cached = model.generate(prompt, 24, temperature=0, use_cache=True)
+    uncached = model.generate(prompt, 24, temperature=0, use_cache=False)
+    assert cached.shape == (2, 30) and torch.equal(cached, uncached)
+
+
+def test_bench_runs_end_to_end(tmp_path):
+    tiny = ("--n_layer=2 --n_head=2 --n_embd=32 --block_size=16 --batch_size=2 --topk=8 --n_nontopk=1 "
+            "--train_iters=1 --warmup_iters=1 --mlp_tokens=64 --mlp_iters=1 --decode_prompt=8 "
+            "--decode_new=8 --sparse_n_layer=2 --sparse_n_head=2 --sparse_n_embd=32 --sparse_prompt=4 "
+            "--sparse_new=4 --decode_repeats=1 --prepare_tokens=20000").split()
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), *tiny], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    for key in ("train_topk_over_dense", "anneal_over_dense", "mlp_topk_over_dense", "kv_cache_speedup",
+                "sparse_decode_speedup", "prepare_tokens_per_s", "peak_mem_topk_over_dense"):
+        assert result[key] > 0, key
+    assert result["kv_cache_same_tokens"] and result["sparse_decode_same_tokens"]
+    assert result["sparse_decode_max_abs_diff"] < 1e-5
+    assert "training iteration" in run.stdout and "decoding" in run.stdout
