@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+import fused_loss
 import sparse_mlp
 
 
@@ -181,7 +182,7 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def forward(self, idx, targets=None, cache=None):
+    def forward(self, idx, targets=None, cache=None, return_logits=True):
         B, T = idx.size()
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
@@ -193,9 +194,12 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is None:  # inference: only the last position's logits are needed
             return self.lm_head(x[:, [-1], :]), None
+        if not return_logits and fused_loss.applies(x):
+            # training on CPU: the same loss without a (tokens, vocabulary) tensor (fused_loss.py)
+            return None, fused_loss.cross_entropy(x, self.lm_head.weight, targets)
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return (logits if return_logits else None), loss
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         # decay matmul weights and embeddings (2-D), not biases and LayerNorm gains (1-D)

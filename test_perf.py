@@ -6,7 +6,9 @@ import sys
 
 import pytest
 import torch
+from torch.nn import functional as F
 
+import fused_loss
 import sparse_mlp
 from model import GPT, MLP, GPTConfig
 
@@ -70,11 +72,8 @@ def test_sparse_mlp_gradcheck():
     assert torch.autograd.gradcheck(lambda *a: sparse_mlp.TopKMLP.apply(*a, k), args)
 
 
-def test_sparse_path_saves_no_dense_activation():
-    """Only h and k values and indices per token are kept for the backward, no (N, d_ff) tensor."""
-    torch.manual_seed(0)
-    N, C, k = 50, 40, 7
-    mlp = MLP(GPTConfig(n_embd=C, n_head=1, topk=k), k)
+def saved_sizes(forward):
+    """The number of elements of every tensor that forward() saves for the backward, weights aside."""
     sizes = []
 
     def pack(t):
@@ -83,7 +82,16 @@ def test_sparse_path_saves_no_dense_activation():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        mlp(torch.randn(1, N, C, requires_grad=True))
+        forward()
+    return sizes
+
+
+def test_sparse_path_saves_no_dense_activation():
+    """Only h and k values and indices per token are kept for the backward, no (N, d_ff) tensor."""
+    torch.manual_seed(0)
+    N, C, k = 50, 40, 7
+    mlp = MLP(GPTConfig(n_embd=C, n_head=1, topk=k), k)
+    sizes = saved_sizes(lambda: mlp(torch.randn(1, N, C, requires_grad=True)))
     assert sizes and max(sizes) == N * C  # h itself; the dense path keeps N * 4C more than once
 
 
@@ -170,10 +178,11 @@ def test_sparse_decoding_equals_dense_and_follows_weight_updates(fast_calls):
         outs.append(model.generate(prompt, 8, temperature=0))
     sparse_mlp.enabled = True
     assert fast_calls and torch.equal(outs[0], outs[1])
-    # the transposed c_proj kept for decoding must follow in-place updates of the weight
-    key = "transformer.h.0.mlp.c_proj.weight"
-    other = {**model.state_dict(), key: torch.randn(40, 160) * 0.1}
-    for update in (lambda: model.get_parameter(key).mul_(-2.0), lambda: model.load_state_dict(other)):
+    # the transposed weights kept for decoding must follow in-place updates of the weights
+    fc, proj = "transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_proj.weight"
+    other = {**model.state_dict(), fc: torch.randn(160, 40) * 0.1, proj: torch.randn(40, 160) * 0.1}
+    for update in (lambda: model.get_parameter(proj).mul_(-2.0), lambda: model.get_parameter(fc).mul_(-2.0),
+                   lambda: model.load_state_dict(other)):
         with torch.no_grad():
             before = model(prompt)[0]
             update()
@@ -183,6 +192,45 @@ def test_sparse_decoding_equals_dense_and_follows_weight_updates(fast_calls):
             sparse_mlp.enabled = True
         assert not torch.allclose(before, ref)
         torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_loss_equals_cross_entropy_in_value_and_gradients(monkeypatch):
+    monkeypatch.setattr(fused_loss, "CHUNK_BYTES", 8 * 97 * 10)  # chunks of 10 tokens: 4 of them, the last short
+    torch.manual_seed(0)
+    x = torch.randn(37, 24, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(97, 24, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(97, (37,))
+    targets[[3, 20]] = -1  # ignored positions, as F.cross_entropy's ignore_index=-1
+    results = []
+    for loss_fn in (lambda: fused_loss.cross_entropy(x, w, targets),
+                    lambda: F.cross_entropy(x @ w.T, targets, ignore_index=-1)):
+        x.grad = w.grad = None
+        loss = loss_fn()
+        (2.5 * loss).backward()  # the incoming gradient scales both
+        results.append((loss.detach(), x.grad, w.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_training_without_logits_gives_the_reference_loss_and_gradients():
+    model = tiny_model().double()
+    idx = torch.randint(97, (2, 16), generator=torch.Generator().manual_seed(3))
+    results = []
+    for return_logits in (True, False):
+        model.zero_grad(set_to_none=True)
+        logits, loss = model(idx, idx.roll(-1, 1), return_logits=return_logits)
+        assert (logits is None) == (not return_logits)
+        loss.backward()
+        results.append([loss.detach()] + [p.grad for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_training_without_logits_keeps_no_tokens_by_vocabulary_tensor():
+    model = tiny_model(vocab_size=1000)
+    idx = torch.randint(1000, (4, 16))
+    sizes = saved_sizes(lambda: model(idx, idx, return_logits=False))
+    assert sizes and max(sizes) < 4 * 16 * 1000  # the logits would be (64, 1000)
 
 
 @pytest.mark.parametrize("topk", [0, 7])
@@ -199,7 +247,7 @@ def test_bench_runs_end_to_end(tmp_path):
     tiny = ("--n_layer=2 --n_head=2 --n_embd=32 --block_size=16 --batch_size=2 --topk=8 --n_nontopk=1 "
             "--train_iters=1 --warmup_iters=1 --mlp_tokens=64 --mlp_iters=1 --decode_prompt=8 "
             "--decode_new=8 --sparse_n_layer=2 --sparse_n_head=2 --sparse_n_embd=32 --sparse_prompt=4 "
-            "--sparse_new=4 --decode_repeats=1 --prepare_tokens=20000").split()
+            "--sparse_new=4 --decode_repeats=1 --sparse_repeats=1 --prepare_tokens=20000").split()
     run = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), *tiny], cwd=tmp_path,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]

@@ -250,7 +250,7 @@ while True:
         if ddp:  # average gradients across processes only on the last micro-batch
             model.require_backward_grad_sync = micro == accum_per_rank - 1
         with ctx:
-            _, loss = model(x, y)
+            _, loss = model(x, y, return_logits=False)  # no (tokens, vocabulary) logits to keep
             loss = loss / accum_per_rank  # DDP averages over processes, completing the mean
         loss_sum += loss.detach()
         scaler.scale(loss).backward()
