@@ -12,11 +12,13 @@ import contextlib
 import json
 import math
 import os
+import re
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
@@ -54,7 +56,8 @@ sparse_n_head = 12  # its attention heads
 sparse_n_embd = 768  # its width
 sparse_prompt = 64  # prompt tokens (dense vs sparse c_proj)
 sparse_new = 128  # generated tokens (greedy, dense vs sparse c_proj)
-decode_repeats = 3  # timed generations of each decoding variant
+decode_repeats = 3  # timed generations without and with KV cache
+sparse_repeats = 7  # timed generations with dense and sparse c_proj (a smaller gain: more rounds)
 # prepare.py's tokenizer
 prepare_input = "../shared/data/fineweb-edu-sample-150.parquet"  # documents (column 'text'), repeated as needed
 prepare_tokens = 4_000_000  # tokens to tokenize and write as a shard; 0 = skip
@@ -68,7 +71,7 @@ def sync():
 
 
 def race(fns, repeats, warmup=1):
-    """Median seconds of each of fns {name: fn}, run in turns."""
+    """Seconds of each of fns {name: fn} in every round; within a round they run in turns."""
     times = {name: [] for name in fns}
     for i in range(warmup + repeats):
         for name, fn in fns.items():
@@ -78,7 +81,14 @@ def race(fns, repeats, warmup=1):
             sync()
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def ratio(times, a, b):
+    """a's time over b's, the median over rounds of the ratio within each round: the runs of a
+    round are seconds apart, so a machine that speeds up or slows down between rounds (other
+    tenants of a shared host take memory bandwidth) does not shift the ratio."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
 
 @contextlib.contextmanager
@@ -133,7 +143,7 @@ def saved_for_backward(model, x, y, ctx):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx:
-        model(x, y)
+        model(x, y, return_logits=False)
     return sum(storages.values())
 
 
@@ -156,17 +166,18 @@ def bench_training(ctx, use_compile):
         model, fwd, opt = runs[variants[variant][0]]
         model.set_alpha(variants[variant][1])
         with ctx:
-            _, loss = fwd(x, y)
+            _, loss = fwd(x, y, return_logits=False)  # as train.py
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    seconds = race({v: (lambda v=v: step(v)) for v in variants}, train_iters, warmup_iters)
+    times = race({v: (lambda v=v: step(v)) for v in variants}, train_iters, warmup_iters)
     results = {}
     for v in variants:
         model = runs[variants[v][0]][0]
         model.set_alpha(variants[v][1])
-        results[v] = dict(seconds=seconds[v], tokens_per_s=B * T / seconds[v],
+        seconds = statistics.median(times[v])
+        results[v] = dict(seconds=seconds, tokens_per_s=B * T / seconds, vs_dense=ratio(times, v, "dense"),
                           peak=peak_memory(lambda v=v: step(v)),
                           saved=saved_for_backward(model, x, y, ctx))
         peak = common.peak_flops(device)
@@ -194,15 +205,16 @@ def bench_mlp(ctx):
 
     fns = {"dense": lambda: fwd_bwd(dense, True), "topk": lambda: fwd_bwd(sparse, True),
            "reference": lambda: fwd_bwd(sparse, False)}
-    seconds = race(fns, mlp_iters)
-    return {v: dict(seconds=seconds[v], peak=peak_memory(fn)) for v, fn in fns.items()}
+    times = race(fns, mlp_iters)
+    return {v: dict(seconds=statistics.median(times[v]), vs_dense=ratio(times, v, "dense"), peak=peak_memory(fn))
+            for v, fn in fns.items()}
 
 
-def generate(model, prompt, new, ctx, use_cache=True, fast=True):
-    sparse_mlp.enabled = fast
+def generate(model, prompt, new, ctx, use_cache=True, fast=True, transposed_fc=True):
+    sparse_mlp.enabled, sparse_mlp.transposed_fc = fast, transposed_fc
     with ctx:
         out = model.generate(prompt, new, temperature=0, use_cache=use_cache)
-    sparse_mlp.enabled = True
+    sparse_mlp.enabled = sparse_mlp.transposed_fc = True
     return out
 
 
@@ -222,8 +234,9 @@ def bench_decoding(ctx):
 
     t = race({"nocache": lambda: run("nocache", use_cache=False), "cache": lambda: run("cache")},
              decode_repeats)
-    results["nocache"] = dict(tokens_per_s=decode_new / t["nocache"])
-    results["cache"] = dict(tokens_per_s=decode_new / t["cache"], same=torch.equal(out["nocache"], out["cache"]))
+    results["nocache"] = dict(tokens_per_s=decode_new / statistics.median(t["nocache"]))
+    results["cache"] = dict(tokens_per_s=decode_new / statistics.median(t["cache"]), speedup=ratio(t, "nocache", "cache"),
+                            same=torch.equal(out["nocache"], out["cache"]))
     del model
 
     torch.manual_seed(seed)
@@ -232,10 +245,11 @@ def bench_decoding(ctx):
     model = GPT(cfg).to(device).eval()
     prompt = torch.randint(common.VOCAB_SIZE, (1, sparse_prompt), device=device)
 
-    def run(name, fast):
-        out[name] = generate(model, prompt, sparse_new, ctx, fast=fast)
+    def run(name, fast, transposed_fc=True):
+        out[name] = generate(model, prompt, sparse_new, ctx, fast=fast, transposed_fc=transposed_fc)
 
-    t = race({"dense": lambda: run("dense", False), "sparse": lambda: run("sparse", True)}, decode_repeats)
+    t = race({"dense": lambda: run("dense", False), "sparse": lambda: run("sparse", True),
+              "proj_only": lambda: run("proj_only", True, transposed_fc=False)}, sparse_repeats)
     with torch.no_grad(), ctx:  # the logits of every position of the whole generated sequence
         seq = out["dense"][:, :cfg.block_size]
         logits = []
@@ -243,31 +257,36 @@ def bench_decoding(ctx):
             sparse_mlp.enabled = fast
             logits.append(model(seq, seq)[0].float())  # targets only to get every position's logits
         sparse_mlp.enabled = True
-    results["dense_proj"] = dict(tokens_per_s=sparse_new / t["dense"])
-    results["sparse_proj"] = dict(tokens_per_s=sparse_new / t["sparse"],
+    results["dense_proj"] = dict(tokens_per_s=sparse_new / statistics.median(t["dense"]))
+    results["proj_only"] = dict(tokens_per_s=sparse_new / statistics.median(t["proj_only"]),
+                                speedup=ratio(t, "dense", "proj_only"), same=torch.equal(out["dense"], out["proj_only"]))
+    results["sparse_proj"] = dict(tokens_per_s=sparse_new / statistics.median(t["sparse"]), speedup=ratio(t, "dense", "sparse"),
                                   same=torch.equal(out["dense"], out["sparse"]),
                                   max_abs_diff=(logits[0] - logits[1]).abs().max().item())
     return results
 
 
 def bench_prepare():
-    """prepare.py's tokenizer on real FineWeb-Edu text, shard writing included."""
+    """prepare.py itself, run as a user runs it, on real FineWeb-Edu text repeated to about
+    prepare_tokens tokens: reading, tokenizing and shard writing, as prepare.py times them."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
     import prepare
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), prepare_input)
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = os.path.join(here, prepare_input)
     if not os.path.isfile(path):
         die(f"--prepare_input {path} not found (--prepare_tokens=0 skips this measurement)")
     docs = pq.read_table(path, columns=["text"]).column(0).to_pylist()
-    per_pass = len(prepare.tokenize_documents(docs))  # also loads the BPE tables before the clock
-    docs = docs * math.ceil(prepare_tokens / per_pass)
-    batch = prepare._BATCH_DOCS  # documents per tokenizer call, as prepare.py makes them
+    repeats = math.ceil(prepare_tokens / len(prepare.tokenize_documents(docs)))
     with tempfile.TemporaryDirectory() as d:
-        t0 = time.perf_counter()
-        tokens = np.concatenate([prepare.tokenize_documents(docs[i:i + batch])
-                                 for i in range(0, len(docs), batch)])
-        common.write_shard(os.path.join(d, "bench_train_000001.bin"), tokens)
-        seconds = time.perf_counter() - t0
-    return dict(tokens=len(tokens), tokens_per_s=len(tokens) / seconds)
+        pq.write_table(pa.table({"text": docs * repeats}), os.path.join(d, "docs.parquet"))
+        run = subprocess.run([sys.executable, os.path.join(here, "prepare.py"), f"--input={d}/docs.parquet",
+                              f"--out_dir={d}/shards", f"--val_tokens={prepare_tokens // 20 + 1}"],
+                             capture_output=True, text=True)
+    if run.returncode:
+        die(f"prepare.py failed: {run.stderr.strip().splitlines()[-1]}")
+    tokens, rate = re.search(r"^wrote ([\d,]+) tokens .*: ([\d.]+)M tokens/s", run.stdout, re.M).groups()
+    return dict(tokens=int(tokens.replace(",", "")), tokens_per_s=float(rate) * 1e6)
 
 
 def mib(n):
@@ -288,6 +307,8 @@ def main():
     dtype = common.resolve_dtype(dtype, device)
     ctx = common.autocast(device, dtype)
     use_compile = compile and device.startswith("cuda")
+    if device == "cpu":
+        common.keep_freed_memory()  # as train.py does
     threads = f", {torch.get_num_threads()} threads" if device == "cpu" else ""
     print(f"device {device}{threads}, {dtype}, torch.compile {'on' if use_compile else 'off'}, torch {torch.__version__}")
     print(f"model: n_layer {n_layer}, n_embd {n_embd}, d_ff {4 * n_embd}, block_size {block_size}, "
@@ -299,7 +320,7 @@ def main():
     labels = {"dense": "dense (topk=0)", "topk": "TopK, alpha=0", "anneal": f"TopK, alpha={anneal_alpha}"}
     for v, r in tr.items():
         print(f"  {labels[v]:<18} {1e3 * r['seconds']:9.1f} {r['tokens_per_s']:9.0f} "
-              f"{r['seconds'] / tr['dense']['seconds']:8.2f} {mib(r['peak'])} {mib(r['saved'])}"
+              f"{r['vs_dense']:8.2f} {mib(r['peak'])} {mib(r['saved'])}"
               + (f" {100 * r['mfu']:5.1f}%" if "mfu" in r else ""))
     print("  peak: allocated during one step beyond weights and optimizer state; "
           "saved: activations kept for the backward")
@@ -308,38 +329,39 @@ def main():
     print(f"\nMLP forward+backward, {mlp_tokens} tokens {'ms':>9} {'vs dense':>8} {'peak MiB':>9}")
     for v, label in (("dense", "dense GELU"), ("topk", "TopK, sparse path"), ("reference", "TopK, reference")):
         print(f"  {label:<31} {1e3 * mlp[v]['seconds']:9.1f} "
-              f"{mlp[v]['seconds'] / mlp['dense']['seconds']:8.2f} {mib(mlp[v]['peak'])}")
+              f"{mlp[v]['vs_dense']:8.2f} {mib(mlp[v]['peak'])}")
 
     dec = bench_decoding(ctx)
     small = f"{n_layer}x{n_embd}, {decode_prompt} prompt + {decode_new} new"
     large = f"{sparse_n_layer}x{sparse_n_embd}, {sparse_prompt} prompt + {sparse_new} new"
-    rows = [(f"{small}, no cache", dec["nocache"], None),
-            (f"{small}, KV cache", dec["cache"], dec["nocache"]),
-            (f"{large}, KV cache, dense c_proj", dec["dense_proj"], None),
-            (f"{large}, KV cache, sparse c_proj", dec["sparse_proj"], dec["dense_proj"])]
+    rows = [(f"{small}, no cache", dec["nocache"]), (f"{small}, KV cache", dec["cache"]),
+            (f"{large}, KV cache, dense c_proj", dec["dense_proj"]),
+            (f"{large}, KV cache, sparse c_proj", dec["proj_only"]),
+            (f"{large}, KV cache, sparse c_proj + W_fc^T", dec["sparse_proj"])]
     print(f"\ndecoding, batch 1, greedy {' ' * 31} {'tokens/s':>8} {'speedup':>8}")
-    for label, r, base in rows:
+    for label, r in rows:
         print(f"  {label:<54} {r['tokens_per_s']:8.1f}" + (
-            f" {r['tokens_per_s'] / base['tokens_per_s']:8.2f}  same tokens: {r['same']}" if base else ""))
+            f" {r['speedup']:8.2f}  same tokens: {r['same']}" if "speedup" in r else ""))
     print(f"  sparse vs dense c_proj, max |logit difference|: {dec['sparse_proj']['max_abs_diff']:.1e}")
 
     prep = bench_prepare() if prepare_tokens > 0 else None
     if prep:
-        print(f"\nprepare.py: {prep['tokens']:,} tokens tokenized and written in one shard: "
+        print(f"\nprepare.py: {prep['tokens']:,} tokens read, tokenized and written to shards: "
               f"{prep['tokens_per_s'] / 1e6:.2f}M tokens/s")
 
     summary = dict(
         device=device if device == "cpu" else torch.cuda.get_device_name(device), dtype=dtype,
-        train_topk_over_dense=tr["topk"]["seconds"] / tr["dense"]["seconds"],
-        anneal_over_dense=tr["anneal"]["seconds"] / tr["dense"]["seconds"],
+        train_topk_over_dense=tr["topk"]["vs_dense"],
+        anneal_over_dense=tr["anneal"]["vs_dense"],
         peak_mem_topk_over_dense=tr["topk"]["peak"] / tr["dense"]["peak"],
         saved_mem_topk_over_dense=tr["topk"]["saved"] / tr["dense"]["saved"],
-        mlp_topk_over_dense=mlp["topk"]["seconds"] / mlp["dense"]["seconds"],
-        mlp_reference_over_dense=mlp["reference"]["seconds"] / mlp["dense"]["seconds"],
+        mlp_topk_over_dense=mlp["topk"]["vs_dense"],
+        mlp_reference_over_dense=mlp["reference"]["vs_dense"],
         mlp_peak_mem_topk_over_dense=mlp["topk"]["peak"] / mlp["dense"]["peak"],
-        kv_cache_speedup=dec["cache"]["tokens_per_s"] / dec["nocache"]["tokens_per_s"],
+        kv_cache_speedup=dec["cache"]["speedup"],
         kv_cache_same_tokens=dec["cache"]["same"],
-        sparse_decode_speedup=dec["sparse_proj"]["tokens_per_s"] / dec["dense_proj"]["tokens_per_s"],
+        sparse_decode_speedup=dec["sparse_proj"]["speedup"],
+        sparse_proj_only_decode_speedup=dec["proj_only"]["speedup"],
         sparse_decode_same_tokens=dec["sparse_proj"]["same"],
         sparse_decode_max_abs_diff=dec["sparse_proj"]["max_abs_diff"],
         prepare_tokens_per_s=prep["tokens_per_s"] if prep else None,
