@@ -12,9 +12,11 @@ command again: it resumes after the last complete shard, and every shard comes o
 to an uninterrupted run, because shards are a pure function of the document stream and
 prepare_progress.json records where in that stream the next shard begins.
 """
+import collections
 import glob
 import itertools
 import json
+import multiprocessing
 import os
 import time
 
@@ -33,18 +35,32 @@ shard_size = 100_000_000  # tokens per train shard
 max_tokens = 0  # stop after this many tokens, val included (0 = the whole corpus)
 seed = 0  # seed of the toy corpus
 # ----------------------------------------------------------------------------- (a leading _: not a flag)
-_BATCH_DOCS = 1024  # documents per tokenizer call: enough to keep every core busy
+_BATCH_DOCS = 256  # documents per task of the tokenizer processes
 _PROGRESS = "prepare_progress.json"
 
 
 def tokenize_documents(docs):
     """The GPT-2 tokens of docs (a list of str) as one uint16 array, <|endoftext|> before each.
-    tiktoken encodes the batch on all cores (its Rust threads release the GIL); np.fromiter
-    then flattens the lists in C, with no Python code per token."""
-    token_lists = common.get_encoding().encode_ordinary_batch(docs, num_threads=os.cpu_count())
-    n = len(docs) + sum(map(len, token_lists))
-    stream = itertools.chain.from_iterable(itertools.chain((common.EOT,), t) for t in token_lists)
-    return np.fromiter(stream, dtype=np.uint16, count=n)
+    encode_to_numpy is encode_ordinary (no special tokens allowed, none rejected) returning an
+    array, so no Python int is made per token."""
+    encoding, eot = common.get_encoding(), np.array([common.EOT], dtype=np.uint32)
+    parts = [a for doc in docs for a in (eot, encoding.encode_to_numpy(doc, disallowed_special=()))]
+    return np.concatenate(parts or [eot[:0]]).astype(np.uint16)
+
+
+def tokenized(docs, pool, in_flight):
+    """(number of documents, their tokens) for consecutive batches of docs, in order. The batches
+    go to a process per core: threads would share one GIL, which tiktoken holds for part of its
+    work (measured: 2 processes tokenize 1.6x faster than its threaded batch encoder on 2 cores).
+    At most in_flight batches are read ahead, as the stream may hold billions of tokens."""
+    pending = collections.deque()
+    for batch in iter(lambda: list(itertools.islice(docs, _BATCH_DOCS)), []):
+        pending.append((len(batch), pool.apply_async(tokenize_documents, (batch,))))
+        if len(pending) == in_flight:
+            n, result = pending.popleft()
+            yield n, result.get()
+    for n, result in pending:
+        yield n, result.get()
 
 
 # -----------------------------------------------------------------------------
@@ -188,17 +204,10 @@ def main():
     common.get_encoding()  # load the BPE tables before the clock starts
     first, t0 = start, time.time()
     from tqdm import tqdm  # installed with datasets
-    with tqdm(total=max_tokens or None, initial=start, unit="tok", unit_scale=True, desc=directory) as bar:
-        while not progress["done"]:
-            batch = list(itertools.islice(docs, _BATCH_DOCS))
-            if not batch:  # the end of the corpus: keep the partial last train shard
-                if start + fill <= n_val:
-                    die(f"the corpus has only {start + fill:,} tokens: not enough for "
-                        f"--val_tokens={n_val} and a train shard; lower --val_tokens")
-                finish_shard(buf[:fill], doc, 0, True)
-                start += fill
-                break
-            tokens = tokenize_documents(batch)
+    workers = os.cpu_count()
+    with tqdm(total=max_tokens or None, initial=start, unit="tok", unit_scale=True, desc=directory) as bar, \
+            multiprocessing.Pool(workers) as pool:
+        for n_docs, tokens in tokenized(docs, pool, 2 * workers):
             pos = min(skip, len(tokens))  # tokens already in shards (only right after a resume)
             skip -= pos
             while pos < len(tokens) and not progress["done"]:
@@ -210,7 +219,15 @@ def main():
                     start, fill = start + len(buf), 0
                     finish_shard(buf, doc, pos, start == max_tokens)
                     buf = np.empty(max(0, shard_end(progress["shards"]) - start), np.uint16)
-            doc += len(batch)
+            doc += n_docs
+            if progress["done"]:
+                break
+        if not progress["done"]:  # the end of the corpus: keep the partial last train shard
+            if start + fill <= n_val:
+                die(f"the corpus has only {start + fill:,} tokens: not enough for "
+                    f"--val_tokens={n_val} and a train shard; lower --val_tokens")
+            finish_shard(buf[:fill], doc, 0, True)
+            start += fill
     seconds = time.time() - t0
     print(f"wrote {start - first:,} tokens to {directory} ({progress['shards']} shards) "
           f"in {seconds:.1f}s: {(start - first) / seconds / 1e6:.2f}M tokens/s")
