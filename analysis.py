@@ -183,6 +183,39 @@ def specificity_order(table):
     return alive[key.argsort()].tolist()
 
 
+def selectivity(s):
+    """Per neuron: (mean activation on the marked tokens - mean elsewhere) / its max activation.
+    High when it is strongly on for the marked words in general, not just one of them, and off
+    elsewhere; dividing by the max makes neurons of different scales comparable."""
+    on = s['marked_sum'] / max(s['n_marked'], 1)
+    off = (s['sum'] - s['marked_sum']) / max(s['n_tokens'] - s['n_marked'], 1)
+    return (on - off) / s['values'][0].clamp(min=1e-9)
+
+
+@torch.no_grad()
+def concept_neuron(model, stats, concept_ids, trial, strength, candidates):
+    """The neuron to steer toward a concept, in two steps. What it reads: in each layer of
+    `stats` (from collect() with the concept's tokens marked), the `candidates` most selective
+    neurons. What it writes: each is steered to strength(its max activation) on the `trial`
+    sequences, and the one that gives the concept's tokens the most next-token probability wins.
+    The second step matters because a neuron can detect a concept without promoting it, and
+    selectivity does not compare neurons of different layers.
+    Returns (probability, layer, neuron, selectivity), or None when no candidate ever fires."""
+    concept_ids = torch.as_tensor(concept_ids, device=trial.device)
+    best = None
+    for l, s in stats.items():
+        score, peak = selectivity(s), s['values'][0]
+        for j in score.topk(min(candidates, len(score))).indices.tolist():
+            if peak[j] <= 0:
+                continue
+            with steering(model, l, j, strength(peak[j].item())):
+                logits, _ = model(trial)
+            p = logits.float().softmax(-1)[..., concept_ids].sum(-1).mean().item()
+            if best is None or p > best[0]:
+                best = (p, l, j, score[j].item())
+    return best
+
+
 @torch.no_grad()
 def promoted_tokens(model, layer, j, n=8):
     d = model.transformer.h[layer].mlp.c_proj.weight[:, j]

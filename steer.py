@@ -2,16 +2,19 @@
 Steer generation with one neuron: set its activation to a value at every position (after the
 TopK mask, alpha = 0) and compare with unsteered samples drawn with the same seeds.
 
-    python steer.py --out_dir=out-toy --layer=1 --neuron=42 --scale=4
-    python steer.py --out_dir=out-toy --concept="job office salary manager"
+    python steer.py --out_dir=out-toy --layer=1 --neuron=42 --scale=2
+    python steer.py --out_dir=out-toy --concept="busy paid corporate job office salary manager"
 
-With --concept, the neuron is the TopK neuron that fires most selectively on the concept's
-tokens in the evaluation data. Selectivity = (mean activation on concept tokens - mean
-activation on all other tokens) / the neuron's max activation: high when the neuron is strongly
-on for the concept's words in general (not just one of them) and off elsewhere, and comparable
-between neurons of different scales. The concept's tokens are the single-token forms of each
-word (" job", "job", " Job", "Job"). The hit rate of a set of samples is the fraction that
-contain any concept word in their continuation (whole word, case-insensitive).
+With --concept, the neuron is found by analysis.concept_neuron: among the neurons of each TopK
+layer that fire most selectively on the concept's tokens in the evaluation data (what a neuron
+reads), the one whose steering gives those tokens the most probability (what it writes). Both
+steps matter: on the toy corpus at --scale=4, the most selective neuron of all (in the last
+TopK layer) raised the hit rate from 0.10 to 0.20, the two-step choice to 1.0. A neuron that
+fires on a word predicts what follows the word, so name a concept by the words that come
+before its words too (the toy corpus's topic adjectives: "busy paid corporate ..."); with the
+work nouns alone, no candidate promoted them. The concept's tokens are the single-token forms
+of each word (" job", "job", " Job", "Job"). The hit rate of a set of samples is the fraction
+that contain any concept word in their continuation (whole word, case-insensitive).
 The last output line is one JSON object with the neuron, the value and both hit rates.
 """
 import contextlib
@@ -21,7 +24,7 @@ import re
 
 import torch
 
-from analysis import collect, contexts_text, is_topk, load_eval_tokens, steering
+from analysis import collect, concept_neuron, contexts_text, is_topk, load_eval_tokens, steering
 from common import decode, encode, encode_prompt, load_model, resolve_device
 from configurator import configure, die
 
@@ -31,7 +34,7 @@ layer = -1  # the neuron's layer (with --concept alone: restrict the search to i
 neuron = -1  # the neuron's index in its layer (-1 with --concept: search for it)
 concept = ''  # words naming a concept, e.g. "work job salary": picks the neuron, scores samples
 value = float('nan')  # the activation to set, absolute; nan = --scale times the neuron's max
-scale = 4.0  # strength as a multiple of the neuron's max activation on evaluation data
+scale = 1.5  # strength as a multiple of the neuron's max activation on evaluation data (toy corpus: 4 made word lists)
 prompts = 'The story began|On Monday,|Anna said that|Here is what happened'  # neutral prompts, separated by |
 num_samples = 5  # samples per prompt, baseline and steered each
 max_new_tokens = 60  # tokens generated per sample
@@ -41,6 +44,7 @@ seed = 1337  # the baseline and steered samples of a prompt share this seed
 eval_data = ''  # data dir (val shards) or .txt file to find the neuron / its max; '' = the run's data_dir
 eval_tokens = 32768  # evaluation tokens for --concept and --scale
 top_m = 32  # top-activating positions kept per neuron
+candidates = 6  # with --concept: the most selective neurons of each layer, tried by their steering effect
 batch_size = 16  # sequences per forward pass on evaluation data
 device = 'auto'
 # -----------------------------------------------------------------------------
@@ -49,6 +53,8 @@ if max_new_tokens < 1:
     die(f"--max_new_tokens must be at least 1, got {max_new_tokens}")
 if num_samples < 1:
     die(f"--num_samples must be at least 1, got {num_samples}")
+if candidates < 1:
+    die(f"--candidates must be at least 1, got {candidates}")
 prompt_list = prompts.split('|')
 prompt_ids = [encode_prompt(p, '--prompts') for p in prompt_list]  # dies on an empty prompt
 device = resolve_device(device)
@@ -79,19 +85,17 @@ if search:
         print("note: this model has no TopK block (topk = 0); searching its dense blocks")
         layers = list(range(n_layer))
     tokens, stats = evaluation(layers, ids)
-    best = (-math.inf, None, None)
-    for l, s in stats.items():
-        if s['n_marked'] == 0:
-            die(f"--concept: no concept token ({', '.join(repr(decode([t])) for t in ids)}) in the evaluation data")
-        on = s['marked_sum'] / s['n_marked']
-        off = (s['sum'] - s['marked_sum']) / max(s['n_tokens'] - s['n_marked'], 1)
-        score = (on - off) / s['values'][0].clamp(min=1e-9)
-        j = int(score.argmax())
-        best = max(best, (score[j].item(), l, j), key=lambda b: b[0])
-    score, layer, neuron = best
+    if any(s['n_marked'] == 0 for s in stats.values()):
+        die(f"--concept: no concept token ({', '.join(repr(decode([t])) for t in ids)}) in the evaluation data")
+    trial = tokens[:8].to(device)  # a few sequences show what a neuron promotes
+    best = concept_neuron(model, stats, ids, trial, lambda peak: scale * peak if math.isnan(value) else value,
+                          candidates)
+    if best is None:
+        die("--concept: none of the candidate neurons fires on the evaluation data")
+    probability, layer, neuron, score = best
     print(f"concept tokens: {' '.join(repr(decode([t])) for t in ids)}")
-    print(f"most selective neuron: layer {layer} neuron {neuron}, selectivity {score:.3f} "
-          f"(mean activation on concept tokens minus elsewhere, over its max)")
+    print(f"chosen neuron: layer {layer} neuron {neuron}, selectivity {score:.3f} (mean activation on concept "
+          f"tokens minus elsewhere, over its max), steered concept probability {probability:.3f}")
     print("\n".join(contexts_text(tokens, stats[layer], neuron)))
 elif math.isnan(value):
     tokens, stats = evaluation([layer])

@@ -120,6 +120,45 @@ def test_steering_shifts_the_mlp_output_by_v_times_the_decoder_column():
     torch.testing.assert_close(shift, (v * mlp.c_proj.weight[:, j]).expand_as(shift), rtol=0, atol=1e-5)
 
 
+def concept_setup():
+    """A tiny model, work/food text, and the token ids of the work words (the concept)."""
+    model = tiny_model()
+    tokens = torch.tensor(tokens_of(text(40, seed=3))[:8 * 32]).view(8, 32)
+    return model, tokens, [encode(' ' + w)[0] for w in WORDS['work']]
+
+
+def concept_stats(model, tokens, ids):
+    return analysis.collect(model, tokens, [0, 1], top_m=4, marked=torch.isin(tokens, torch.tensor(ids)))
+
+
+def test_selectivity_is_mean_on_marked_minus_mean_elsewhere_over_the_max():
+    model, tokens, ids = concept_setup()
+    with analysis.capture(model, [1]) as captured:
+        model(tokens)
+    a = captured[1].flatten(0, 1).clamp(min=0)
+    on = torch.isin(tokens.flatten(), torch.tensor(ids))
+    expected = (a[on].mean(0) - a[~on].mean(0)) / a.max(0).values.clamp(min=1e-9)
+    torch.testing.assert_close(analysis.selectivity(concept_stats(model, tokens, ids)[1]), expected,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_concept_neuron_picks_the_candidate_that_promotes_the_concept():
+    model, tokens, ids = concept_setup()
+    # plant a neuron of layer 1 whose decoder column is ' salary''s (tied) embedding, made long
+    # enough that writing it into the residual stream makes ' salary' the likeliest next token
+    j, u = 17, F.normalize(torch.randn(32), dim=0)
+    with torch.no_grad():
+        model.transformer.wte.weight[ids[2]] = 3 * u
+        model.transformer.h[1].mlp.c_proj.weight[:, j] = 10 * u
+    stats = concept_stats(model, tokens, ids)
+    p, layer, neuron, sel = analysis.concept_neuron(model, stats, ids, tokens, lambda peak: 5.0, 128)
+    assert (layer, neuron) == (1, j) and p > 0.5
+    assert sel == pytest.approx(analysis.selectivity(stats[1])[j].item())
+    # with one candidate per layer, only each layer's most selective neuron is tried
+    _, layer, neuron, _ = analysis.concept_neuron(model, stats, ids, tokens, lambda peak: 5.0, 1)
+    assert neuron == int(analysis.selectivity(stats[layer]).argmax())
+
+
 def test_entropy_of_uniform_and_single_token():
     for n in (1, 2, 5, 8):
         labels = torch.tensor([[i, 7] for i in range(n)])  # column 0 uniform over n, column 1 one token
