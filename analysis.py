@@ -79,8 +79,13 @@ def capture(model, layers):
 
 @contextlib.contextmanager
 def steering(model, layer, neuron, value):
-    """Set neuron (layer, neuron) to value at every position, after the TopK mask."""
+    """Set neuron (layer, neuron) to value at every position, after the TopK mask. value=None
+    leaves it as it is, but like any hook sends the block through the reference path (see
+    sparse_mlp.applies): a baseline run that way differs from a steered one by the steering
+    alone, not by float rounding."""
     def hook(module, inp, out):
+        if value is None:
+            return None  # a hook that returns None keeps the module's output
         out = out.clone()
         out[..., neuron] = value
         return out  # a hook's return value replaces the module's output

@@ -17,7 +17,6 @@ of each word (" job", "job", " Job", "Job"). The hit rate of a set of samples is
 that contain any concept word in their continuation (whole word, case-insensitive).
 The last output line is one JSON object with the neuron, the value and both hit rates.
 """
-import contextlib
 import json
 import math
 import re
@@ -116,7 +115,7 @@ for i, (text, ids) in enumerate(zip(prompt_list, prompt_ids)):
     out = {}
     for mode in hits:
         torch.manual_seed(seed + i)  # the same random draws for both: only the steering differs
-        with steering(model, layer, neuron, value) if mode == 'steered' else contextlib.nullcontext():
+        with steering(model, layer, neuron, value if mode == 'steered' else None):  # same path for both
             y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None)
         out[mode] = [decode(row[len(ids):].tolist()) for row in y]
         if pattern:

@@ -98,11 +98,12 @@ def inactive_neuron(model, x, layer):
 def test_steering_an_inactive_neuron_to_zero_changes_nothing():
     model, x = tiny_model(), torch.randint(0, 1000, (2, 16))
     j = inactive_neuron(model, x, 1)
-    with analysis.capture(model, [1]):  # the same (hooked) code path as steering
+    with analysis.steering(model, 1, j, None):  # steer.py's baseline: the same hooked path, unchanged
         base, _ = model(x)
     with analysis.steering(model, 1, j, 0.0):
         steered, _ = model(x)
     assert torch.equal(base, steered)
+    torch.testing.assert_close(base, model(x)[0], rtol=0, atol=1e-5)  # = the unhooked (sparse) forward
 
 
 def test_steering_shifts_the_mlp_output_by_v_times_the_decoder_column():

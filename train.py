@@ -214,7 +214,7 @@ def save(path, full):
 # -----------------------------------------------------------------------------
 # training loop
 end_iter = max_iters if stop_iter < 0 else min(stop_iter, max_iters)
-flops_per_iter = raw_model.flops_per_token() * tokens_per_iter
+flops_per_iter = raw_model.flops_per_token() * tokens_per_iter  # over all processes: MFU divides by all their GPUs
 peak = peak_flops(device)
 start_iter, t0 = iter_num, time.time()
 if master:  # a run killed while saving leaves its temporary file (common.atomic_write) behind
@@ -277,7 +277,7 @@ while True:
         line = (f"iter {iter_num}: loss {last_loss:.6f}, lr {lr:.3e}, alpha {alpha:.3f}, "
                 f"{tokens_per_iter * log_interval / dt:,.0f} tok/s")
         if peak:
-            line += f", mfu {100 * flops_per_iter * log_interval / dt / peak:.1f}%"
+            line += f", mfu {100 * flops_per_iter * log_interval / dt / (peak * world_size):.1f}%"
         print(line, flush=True)
 
 if ddp:
