@@ -56,6 +56,11 @@ def load_eval_tokens(source, n_tokens, seq_len):
     return torch.from_numpy(tokens[:n_seq * seq_len].astype(np.int64)).view(n_seq, seq_len)
 
 
+def run_eval_tokens(eval_data, ckpt, n_tokens, seq_len):
+    """load_eval_tokens from --eval_data, or by default from the val shards the run trained with."""
+    return load_eval_tokens(eval_data or ckpt.get("config", {}).get("data_dir", ""), n_tokens, seq_len)
+
+
 def mlp_acts(model):
     return [block.mlp.act for block in model.transformer.h]
 
@@ -325,30 +330,31 @@ def analyse(model, tokens, layers, top_m, cluster_of, batch_size=16):
     return stats, {l: neuron_table(stats[l], tokens, cluster_of) for l in layers}
 
 
-def parse_neuron(spec, n_layer, flag="--neuron"):
+def parse_neuron(spec, model, flag="--neuron"):
+    """LAYER:NEURON of a neuron of model, checked against its shape."""
     try:
         l, j = (int(x) for x in spec.split(":"))
     except ValueError:
         die(f"{flag} expects LAYER:NEURON, e.g. 1:42, got {spec!r}")
+    n_layer, d_ff = len(model.transformer.h), 4 * model.config.n_embd
     if not 0 <= l < n_layer:
         die(f"{flag}: layer {l} out of range [0, {n_layer - 1}]")
+    if not 0 <= j < d_ff:
+        die(f"{flag}: neuron {j} out of range [0, {d_ff - 1}]")
     return l, j
 
 
 def main():
     configure(globals())
     model, ckpt = load_model(out_dir, resolve_device(device))
-    n_layer, d_ff = len(model.transformer.h), 4 * model.config.n_embd
+    n_layer = len(model.transformer.h)
     if neuron:
-        l, j = parse_neuron(neuron, n_layer)
-        if not 0 <= j < d_ff:
-            die(f"--neuron: neuron {j} out of range [0, {d_ff - 1}]")
+        l, j = parse_neuron(neuron, model)
     elif 0 <= layer < n_layer:
         l = layer
     else:
         die(f"give --neuron=L:J or --layer=L with L in [0, {n_layer - 1}]")
-    data = eval_data or ckpt.get("config", {}).get("data_dir", "")
-    tokens = load_eval_tokens(data, eval_tokens, model.config.block_size)
+    tokens = run_eval_tokens(eval_data, ckpt, eval_tokens, model.config.block_size)
     cluster_of = semantic_clusters(model.transformer.wte.weight, tokens, n_clusters, seed)
     stats, tables = analyse(model, tokens, [l], top_m, cluster_of, batch_size)
     if neuron:

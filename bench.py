@@ -197,11 +197,9 @@ def bench_mlp(ctx):
     g = torch.randn(1, mlp_tokens, n_embd, device=device)
 
     def fwd_bwd(mlp, fast):
-        sparse_mlp.enabled = fast
-        with ctx:
+        with sparse_mlp.switched(fast), ctx:
             out = mlp(h)
         out.backward(g.to(out.dtype))
-        sparse_mlp.enabled = True
 
     fns = {"dense": lambda: fwd_bwd(dense, True), "topk": lambda: fwd_bwd(sparse, True),
            "reference": lambda: fwd_bwd(sparse, False)}
@@ -211,11 +209,8 @@ def bench_mlp(ctx):
 
 
 def generate(model, prompt, new, ctx, use_cache=True, fast=True, transposed_fc=True):
-    sparse_mlp.enabled, sparse_mlp.transposed_fc = fast, transposed_fc
-    with ctx:
-        out = model.generate(prompt, new, temperature=0, use_cache=use_cache)
-    sparse_mlp.enabled = sparse_mlp.transposed_fc = True
-    return out
+    with sparse_mlp.switched(fast, transposed_fc), ctx:
+        return model.generate(prompt, new, temperature=0, use_cache=use_cache)
 
 
 def bench_decoding(ctx):
@@ -254,9 +249,8 @@ def bench_decoding(ctx):
         seq = out["dense"][:, :cfg.block_size]
         logits = []
         for fast in (False, True):
-            sparse_mlp.enabled = fast
-            logits.append(model(seq, seq)[0].float())  # targets only to get every position's logits
-        sparse_mlp.enabled = True
+            with sparse_mlp.switched(fast):
+                logits.append(model(seq, seq)[0].float())  # targets only to get every position's logits
     results["dense_proj"] = dict(tokens_per_s=sparse_new / statistics.median(t["dense"]))
     results["proj_only"] = dict(tokens_per_s=sparse_new / statistics.median(t["proj_only"]),
                                 speedup=ratio(t, "dense", "proj_only"), same=torch.equal(out["dense"], out["proj_only"]))

@@ -23,9 +23,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from analysis import analyse, load_eval_tokens, is_topk, parse_neuron, semantic_clusters, specificity_order, write_page
+from analysis import (analyse, is_topk, parse_neuron, run_eval_tokens, semantic_clusters, specificity_order,
+                      write_page)
 from common import atomic_write, decode, load_checkpoint, load_model, resolve_device
 from configurator import configure, die
+from model import annealed_alpha
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the run to analyse
@@ -55,12 +57,6 @@ def checkpoints(run):
     return sorted(series.items())
 
 
-def training_alpha(ckpt):
-    cfg = ckpt.get('config', {})
-    span = cfg.get('annealing_ratio', 0) * cfg.get('max_iters', 1)
-    return max(0.0, 1.0 - ckpt['iter_num'] / span) if span > 0 else 0.0
-
-
 def mean(x):
     """The mean over neurons that fire (dead ones have nan entropy); None (JSON null) if none do."""
     m = x.nanmean().item()
@@ -69,7 +65,7 @@ def mean(x):
 
 final_ckpt = load_checkpoint(out_dir)
 seq_len = final_ckpt['model_args']['block_size']
-tokens = load_eval_tokens(eval_data or final_ckpt.get('config', {}).get('data_dir', ''), eval_tokens, seq_len)
+tokens = run_eval_tokens(eval_data, final_ckpt, eval_tokens, seq_len)
 wte = load_checkpoint(reference or out_dir)['model']['transformer.wte.weight']
 cluster_of = semantic_clusters(wte, tokens, n_clusters, seed)
 print(f"{tokens.numel():,} evaluation tokens, {int(cluster_of.max()) + 1} semantic clusters")
@@ -83,7 +79,8 @@ for run in [out_dir] + ([compare] if compare else []):
         model, ckpt = load_model(path, device)
         if ckpt['model_args']['block_size'] < seq_len:
             die(f"{path} has block_size {ckpt['model_args']['block_size']} < the {seq_len}-token evaluation sequences")
-        alpha = training_alpha(ckpt)
+        cfg = ckpt.get('config', {})
+        alpha = annealed_alpha(ckpt['iter_num'], cfg.get('annealing_ratio', 0), cfg.get('max_iters', 0))
         model.set_alpha(alpha)
         layers = list(range(len(model.transformer.h)))
         stats, tables = analyse(model, tokens, layers, top_m, cluster_of, batch_size)
@@ -95,7 +92,6 @@ for run in [out_dir] + ([compare] if compare else []):
         print(f"{name} iter {it} (alpha {alpha:.2f}): token entropy " +
               " ".join(f"{r['token_entropy_mean']:.2f}" for r in rows[-1]['layers']) + ", dead " +
               " ".join(f"{r['dead_fraction']:.2f}" for r in rows[-1]['layers']), flush=True)
-    cfg = ckpt.get('config', {})
     runs[name] = dict(checkpoints=rows, final=(model, stats, tables), history=history,
                       alpha_zero_iter=cfg.get('annealing_ratio', 0) * cfg.get('max_iters', 0))
 
@@ -146,9 +142,7 @@ fig.savefig(os.path.join(out, 'entropy_vs_step.png'), dpi=80)
 
 # (3) one neuron's top tokens at each checkpoint (neuron j of layer l is the same unit throughout)
 if neuron:
-    l, j = parse_neuron(neuron, len(main_tables))
-    if not 0 <= j < len(main_tables[l]['dead']):
-        die(f"--neuron: neuron {j} out of range [0, {len(main_tables[l]['dead']) - 1}]")
+    l, j = parse_neuron(neuron, main_model)
 else:  # the most specific neuron among those that fire at least M times (TopK layers if any)
     layers = [l for l, k in enumerate(kinds) if k == 'TopK'] or list(main_tables)
     candidates = [(main_tables[l]['h_tok'][j].item(), -main_tables[l]['freq'][j].item(), l, j) for l in layers

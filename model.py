@@ -65,6 +65,13 @@ class TopK(nn.Module):
         return F.gelu(x) * (self.alpha + (1 - self.alpha) * m)
 
 
+def annealed_alpha(it, annealing_ratio, max_iters):
+    """alpha at training iteration it: 1 (dense) at the start, linearly to 0 (exactly k) at
+    annealing_ratio * max_iters, 0 from then on (SPEC section 1)."""
+    span = annealing_ratio * max_iters
+    return max(0.0, 1.0 - it / span) if span > 0 else 0.0
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):

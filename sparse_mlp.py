@@ -19,6 +19,7 @@ one (bench.py). It is used only where it gives the reference's numbers up to flo
 (see `applies`); CUDA keeps the reference path: there the dense matmuls run on tensor cores
 and cost less than gathers at k = 64, and sparse CSR tensors do not go through torch.compile.
 """
+import contextlib
 import warnings
 
 import torch
@@ -26,8 +27,21 @@ from torch.nn import functional as F
 from torch.nn.modules import module as nn_module
 from torch.utils.weak import WeakIdKeyDictionary
 
-enabled = True  # bench.py and the tests switch it off to time and check against the reference
+enabled = True  # off: the reference path (bench.py and the tests use switched(), below)
 transposed_fc = True  # inference keeps W_fc^T too (see _transposed); bench.py times without it as well
+
+
+@contextlib.contextmanager
+def switched(fast, keep_fc_transposed=True):
+    """Inside the block the sparse path is on (fast) or off, and decoding keeps W_fc^T or not;
+    both switches are restored afterwards, an error included."""
+    global enabled, transposed_fc
+    saved = enabled, transposed_fc
+    enabled, transposed_fc = fast, keep_fc_transposed
+    try:
+        yield
+    finally:
+        enabled, transposed_fc = saved
 
 
 def _hooked(module):

@@ -23,7 +23,7 @@ import re
 
 import torch
 
-from analysis import collect, concept_neuron, contexts_text, is_topk, load_eval_tokens, steering
+from analysis import collect, concept_neuron, contexts_text, is_topk, run_eval_tokens, steering
 from common import decode, encode, encode_prompt, load_model, resolve_device
 from configurator import configure, die
 
@@ -67,8 +67,7 @@ if not search and not 0 <= neuron < d_ff:
 
 
 def evaluation(layers, marked_ids=None):
-    tokens = load_eval_tokens(eval_data or ckpt.get('config', {}).get('data_dir', ''), eval_tokens,
-                              model.config.block_size)
+    tokens = run_eval_tokens(eval_data, ckpt, eval_tokens, model.config.block_size)
     marked = torch.isin(tokens, torch.tensor(marked_ids)) if marked_ids else None
     return tokens, collect(model, tokens, layers, top_m, batch_size, marked)
 

@@ -31,14 +31,11 @@ def fast_calls(monkeypatch):
 
 
 def run_mlp(mlp, x, g, fast):
-    sparse_mlp.enabled = fast
-    try:
+    with sparse_mlp.switched(fast):
         mlp.zero_grad(set_to_none=True)
         x = x.detach().requires_grad_()
         out = mlp(x)
         out.backward(g)
-    finally:
-        sparse_mlp.enabled = True
     return [out.detach(), x.grad] + [p.grad for p in mlp.parameters()]
 
 
@@ -106,12 +103,11 @@ def test_training_step_equals_reference(fast_calls):
     idx = torch.randint(97, (2, 16), generator=torch.Generator().manual_seed(1))
     results = []
     for fast in (False, True):
-        sparse_mlp.enabled = fast
-        model.zero_grad(set_to_none=True)
-        _, loss = model(idx, idx.roll(-1, 1))
-        loss.backward()
+        with sparse_mlp.switched(fast):
+            model.zero_grad(set_to_none=True)
+            _, loss = model(idx, idx.roll(-1, 1))
+            loss.backward()
         results.append([loss.detach()] + [p.grad for p in model.parameters()])
-    sparse_mlp.enabled = True
     assert fast_calls == [7, 7]  # the two TopK blocks of three, once
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
@@ -145,9 +141,8 @@ def test_hooks_on_the_activation_force_the_reference(fast_calls):
     with torch.no_grad():
         steered = model(idx)[0]
         assert fast_calls == [7]  # block 1 is unhooked and stays fast
-        sparse_mlp.enabled = False
-        reference = model(idx)[0]
-        sparse_mlp.enabled = True
+        with sparse_mlp.switched(False):
+            reference = model(idx)[0]
     handle.remove()
     assert seen[0].shape == (1, 16, 160) and ((seen[0] != 0).sum(-1) == 7).all()
     torch.testing.assert_close(steered, reference)
@@ -174,9 +169,8 @@ def test_sparse_decoding_equals_dense_and_follows_weight_updates(fast_calls):
     prompt = torch.randint(97, (1, 5))
     outs = []
     for fast in (False, True):
-        sparse_mlp.enabled = fast
-        outs.append(model.generate(prompt, 8, temperature=0))
-    sparse_mlp.enabled = True
+        with sparse_mlp.switched(fast):
+            outs.append(model.generate(prompt, 8, temperature=0))
     assert fast_calls and torch.equal(outs[0], outs[1])
     # the transposed weights kept for decoding must follow in-place updates of the weights
     fc, proj = "transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_proj.weight"
@@ -187,9 +181,8 @@ def test_sparse_decoding_equals_dense_and_follows_weight_updates(fast_calls):
             before = model(prompt)[0]
             update()
             fast = model(prompt)[0]
-            sparse_mlp.enabled = False
-            ref = model(prompt)[0]
-            sparse_mlp.enabled = True
+            with sparse_mlp.switched(False):
+                ref = model(prompt)[0]
         assert not torch.allclose(before, ref)
         torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
 

@@ -111,7 +111,8 @@ def fill(frame, topic, rng):
     after one of the topic's adjectives, and neutral fillers."""
     w, v = rng.sample(TOPICS[topic], 2)
     name, name2 = rng.sample(NAMES, 2)
-    return frame.format(w=f"{rng.choice(QUALITIES[topic])} {w}", v=v, name=name, name2=name2, own=rng.choice(OWNERS),
+    return frame.format(w=f"{rng.choice(QUALITIES[topic])} {w}", v=v, name=name, name2=name2,
+                        own=rng.choice(OWNERS),
                         adj=rng.choice(ADJECTIVES), adj2=rng.choice(ADJECTIVES),
                         day=rng.choice(DAYS), part=rng.choice(PARTS_OF_DAY),
                         num=rng.randint(2, 99), year=rng.randint(1900, 2030))

@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from common import (autocast, keep_freed_memory, load_checkpoint, peak_flops, read_shard,
                     resolve_device, resolve_dtype, save_checkpoint, shard_paths, VOCAB_SIZE)
 from configurator import configure, die
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, annealed_alpha
 
 # -----------------------------------------------------------------------------
 # default config values: a FineWeb-Edu TopK LM of GPT-2 small size
@@ -196,12 +196,6 @@ def get_lr(it):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
-def get_alpha(it):
-    """SPEC section 1: 1 (dense) at the start, linearly to 0 (exactly k) at annealing_ratio * max_iters."""
-    if annealing_ratio <= 0:
-        return 0.0
-    return max(0.0, 1.0 - it / (annealing_ratio * max_iters))
-
 
 def save(path, full):
     """ckpt.pt holds what resuming needs; the ckpt_{iter}.pt series only the model."""
@@ -221,7 +215,7 @@ if master:  # a run killed while saving leaves its temporary file (common.atomic
     for stale in glob.glob(os.path.join(out_dir, '.tmp_ckpt*')):
         os.remove(stale)
 while True:
-    lr, alpha = get_lr(iter_num), get_alpha(iter_num)
+    lr, alpha = get_lr(iter_num), annealed_alpha(iter_num, annealing_ratio, max_iters)
     for group in optimizer.param_groups:
         group['lr'] = lr
     raw_model.set_alpha(alpha)
