@@ -163,6 +163,17 @@ def test_generate_returns_prompt_plus_new_tokens():
     assert out.shape == (2, 8) and torch.equal(out[:, :3], torch.zeros(2, 3, dtype=torch.long))
 
 
+def test_top_k_sampling_draws_only_among_the_k_likeliest_tokens():
+    model = tiny_model().eval()
+    torch.manual_seed(0)
+    out = model.generate(torch.zeros(4, 3, dtype=torch.long), max_new_tokens=6, temperature=1.5, top_k=3)
+    logits, _ = model(out[:, :-1], out[:, 1:])  # the logits each new token was drawn from (no cache)
+    top3 = logits[:, 2:].topk(3, dim=-1).indices
+    assert (top3 == out[:, 3:, None]).any(-1).all()
+    greedy = model.generate(torch.zeros(4, 3, dtype=torch.long), max_new_tokens=6, temperature=0)
+    assert torch.equal(model.generate(torch.zeros(4, 3, dtype=torch.long), max_new_tokens=6, top_k=1), greedy)
+
+
 @pytest.mark.parametrize("bad, message", [
     (dict(topk=129), "topk must be in [0, d_ff = 4 * n_embd = 128]"),
     (dict(n_nontopk=4), "n_nontopk must be in [0, n_layer = 3]"),
