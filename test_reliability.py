@@ -90,22 +90,24 @@ def assert_same_training_state(path_a, path_b):
             assert same, f"{key}{name} differs"
 
 
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def fingerprint(folder):
-    """Every folder and file below folder, files with their size, inode and modification time:
-    a file written, replaced, created or removed, or a folder created or removed, changes it."""
+    """Every folder and file below folder, files with their size, inode, modification time and
+    contents: a file written, replaced, created or removed, or a folder created or removed,
+    changes it."""
     out = {}
     for root, dirs, files in os.walk(folder):
         for name in dirs:
             out[os.path.relpath(os.path.join(root, name), folder)] = "folder"
         for name in files:
-            st = os.stat(os.path.join(root, name))
-            out[os.path.relpath(os.path.join(root, name), folder)] = (st.st_size, st.st_ino, st.st_mtime_ns)
+            path = os.path.join(root, name)
+            st = os.stat(path)
+            out[os.path.relpath(path, folder)] = (st.st_size, st.st_ino, st.st_mtime_ns, sha256(path))
     return out
-
-
-def sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def write_data(folder, train_tokens=3000, val_tokens=1000):
@@ -216,6 +218,62 @@ def test_two_processes_give_the_losses_of_one_process_accumulating_the_same_batc
 
 
 # -----------------------------------------------------------------------------
+# 4. fault tolerance: torchrun --max_restarts restarts every process of a job when one dies, and
+# with --init_from=auto they resume from out_dir/ckpt.pt
+
+
+def worker_pids(launcher_pid):
+    """{RANK: pid} of the processes a torchrun launcher started."""
+    with open(f"/proc/{launcher_pid}/task/{launcher_pid}/children") as f:
+        children = [int(p) for p in f.read().split()]
+    ranks = {}
+    for pid in children:
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        except FileNotFoundError:  # ended in the meantime
+            continue
+        if b"RANK" in env:
+            ranks[int(env[b"RANK"])] = pid
+    return ranks
+
+
+def test_a_rank_killed_under_torchrun_max_restarts_resumes_to_the_uninterrupted_weights(data, reference, tmp_path):
+    flags = [*TRAIN, f"--data_dir={data}", "--max_iters=30", "--lr_decay_iters=30", "--ckpt_interval=0"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = {**ENV, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # as README says (pytorch/pytorch#135712)
+    # the uninterrupted job goes into a folder holding another run, which --overwrite=True replaces
+    # (a resume of that run would end with other weights), its ckpt_*.pt series included
+    (tmp_path / "whole").mkdir()
+    shutil.copy(reference.out / "ckpt.pt", tmp_path / "whole")
+    shutil.copy(reference.out / "ckpt_000002.pt", tmp_path / "whole")
+    whole = subprocess.Popen([*torchrun, os.path.join(HERE, "train.py"), *flags, f"--out_dir={tmp_path / 'whole'}",
+                              "--overwrite=True"], cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    crashed = subprocess.Popen([*torchrun, "--max_restarts=1", os.path.join(HERE, "train.py"), *flags,
+                                f"--out_dir={tmp_path / 'crashed'}", "--init_from=auto"],
+                               cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:  # once the first checkpoint (iteration 2 of 30) is written, kill rank 1
+        deadline = time.time() + 120
+        while not (tmp_path / "crashed" / "ckpt.pt").exists():
+            assert crashed.poll() is None and time.time() < deadline, "the job ended before it could be killed"
+            time.sleep(0.01)
+        os.kill(worker_pids(crashed.pid)[1], signal.SIGKILL)
+        stdout, stderr = crashed.communicate(timeout=240)
+        _, whole_stderr = whole.communicate(timeout=240)
+    finally:
+        for job in (crashed, whole):  # on a failure: the launcher, which takes its processes with it
+            if job.poll() is None:
+                job.terminate()
+                job.wait(timeout=60)
+    assert crashed.returncode == 0, stderr
+    assert stdout.count("tokens per iteration") == 2, "the job was not restarted"  # printed at each start
+    assert whole.returncode == 0, whole_stderr
+    assert not glob.glob(str(tmp_path / "whole" / "ckpt_*.pt"))  # the replaced run's series is gone
+    assert_same_training_state(tmp_path / "crashed" / "ckpt.pt", tmp_path / "whole" / "ckpt.pt")
+    assert torch.load(tmp_path / "whole" / "ckpt.pt", weights_only=True)["iter_num"] == 30
+
+
+# -----------------------------------------------------------------------------
 # 5. bad input: one line on stderr naming the flag, file or value, exit status 1, no traceback,
 # and nothing already on disk touched. The table has two parts: rows that need a script's command
 # line, and rows met by one function call that the scripts make (configurator.die's SystemExit
@@ -230,6 +288,8 @@ COMMAND_LINE_TABLE = [
     ("block_size larger than a shard", "train.py", ["--data_dir={d}/short"],
      "--block_size=32 needs shards longer than it, but the longest train shard in {d}/short has 20 tokens"),
     ("resume without a checkpoint", "train.py", ["--init_from=resume"], "no checkpoint at {d}/out/ckpt.pt"),
+    ("scratch into a folder holding a run", "train.py", ["--out_dir={d}/run"],
+     "{d}/run already holds a run (ckpt.pt); continue it with --init_from=resume"),
     ("resume with another model shape", "train.py", ["--init_from=resume", "--out_dir={d}/run", "--n_embd=64"],
      "--n_embd=64 differs from the checkpoint's n_embd=32 in {d}/run/ckpt.pt"),
     ("resume from a model-only snapshot", "train.py", ["--init_from=resume", "--out_dir={d}/snapshot"],

@@ -25,7 +25,8 @@ from model import GPT, GPTConfig, annealed_alpha
 # I/O
 out_dir = 'out'  # checkpoints go here
 data_dir = 'data/fineweb-edu'  # token shards written by prepare.py
-init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+init_from = 'scratch'  # 'scratch', 'resume' (from out_dir/ckpt.pt), or 'auto' (resume if out_dir has a ckpt.pt)
+overwrite = False  # with init_from='scratch': replace the run already in out_dir instead of refusing
 eval_interval = 1000  # evaluate and save ckpt.pt every this many iterations
 eval_iters = 100  # batches per evaluation (always the same tokens)
 log_interval = 10  # print a log line every this many iterations
@@ -77,6 +78,11 @@ if ddp:
 else:
     rank, local_rank, world_size = 0, 0, 1
 master = rank == 0
+if master and int(os.environ.get('TORCHELASTIC_MAX_RESTARTS', 0)) > 0 and os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True':
+    # torchrun shares its key-value store with the job since torch 2.5, and a restarted job can read
+    # the addresses its dead processes left there and fail to connect (pytorch/pytorch#135712)
+    print("warning: torchrun --max_restarts restarts reliably only with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+          "set for torchrun (README, Reliability)", flush=True)
 if gradient_accumulation_steps % world_size:
     die(f"--gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the {world_size} processes")
 accum_per_rank = gradient_accumulation_steps // world_size
@@ -152,8 +158,15 @@ def estimate_loss():
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                   vocab_size=VOCAB_SIZE, dropout=dropout, topk=topk, n_nontopk=n_nontopk)
 iter_num, best_val_loss, checkpoint = 0, 1e9, None
+if init_from not in ('scratch', 'resume', 'auto'):
+    die(f"--init_from must be 'scratch', 'resume' or 'auto', got {init_from!r}")
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+if init_from == 'auto':  # what torchrun --max_restarts needs: a restarted job picks up where it was
+    init_from = 'resume' if os.path.exists(ckpt_path) else 'scratch'
+if init_from == 'scratch' and os.path.exists(ckpt_path) and not overwrite:
+    die(f"{out_dir} already holds a run (ckpt.pt); continue it with --init_from=resume, "
+        f"train into another --out_dir, or replace it with --overwrite=True")
 if init_from == 'resume':
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     if not os.path.exists(ckpt_path):
         die(f"--init_from=resume but there is no checkpoint at {ckpt_path}")
     checkpoint = load_checkpoint(ckpt_path, 'cpu')
@@ -164,8 +177,6 @@ if init_from == 'resume':
         if checkpoint['model_args'].get(k) != model_args[k]:
             die(f"--{k}={model_args[k]} differs from the checkpoint's {k}={checkpoint['model_args'].get(k)} in {ckpt_path}")
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
-elif init_from != 'scratch':
-    die(f"--init_from must be 'scratch' or 'resume', got {init_from!r}")
 try:
     model = GPT(GPTConfig(**model_args))
 except ValueError as e:
@@ -214,6 +225,9 @@ start_iter, t0 = iter_num, time.time()
 if master:  # a run killed while saving leaves its temporary file (common.atomic_write) behind
     for stale in glob.glob(os.path.join(out_dir, '.tmp_ckpt*')):
         os.remove(stale)
+    if init_from == 'scratch' and overwrite:  # the replaced run's snapshots would mix into this one's series
+        for stale in glob.glob(os.path.join(out_dir, 'ckpt*.pt')):
+            os.remove(stale)
 while True:
     lr, alpha = get_lr(iter_num), annealed_alpha(iter_num, annealing_ratio, max_iters)
     for group in optimizer.param_groups:
