@@ -38,6 +38,7 @@ top_m = 32  # M: top-activating positions kept per neuron
 n_clusters = 64  # k-means clusters of the embedding, for semantic entropy
 seed = 1337  # k-means initialisation
 batch_size = 16  # sequences per forward pass
+dictionary = ''  # an SAE or transcoder file from sae.py: its latents take the place of its layer's neurons
 device = 'auto'
 # -----------------------------------------------------------------------------
 
@@ -70,11 +71,14 @@ def is_topk(model, layer):
 
 
 @contextlib.contextmanager
-def capture(model, layers):
-    """Inside the block, captured[l] is the last activation tensor (B, T, d_ff) of layer l."""
+def capture(model, layers, mlp_io=False):
+    """Inside the block, captured[l] is the last activation tensor (B, T, d_ff) of layer l; with
+    mlp_io, the (input, output) pair of the layer's whole MLP instead, each (B, T, n_embd): what a
+    transcoder maps from and to, and what an SAE reconstructs (the output)."""
     captured = {}
-    hooks = [mlp_acts(model)[l].register_forward_hook(
-        lambda mod, inp, out, l=l: captured.__setitem__(l, out.detach())) for l in layers]
+    modules = [model.transformer.h[l].mlp if mlp_io else mlp_acts(model)[l] for l in layers]
+    hooks = [m.register_forward_hook(lambda mod, inp, out, l=l: captured.__setitem__(
+        l, (inp[0].detach(), out.detach()) if mlp_io else out.detach())) for l, m in zip(layers, modules)]
     try:
         yield captured
     finally:
@@ -102,25 +106,25 @@ def steering(model, layer, neuron, value):
 
 
 @torch.no_grad()
-def collect(model, tokens, layers, top_m, batch_size=16, marked=None):
+def collect(model, tokens, layers, top_m, batch_size=16, marks=None):
     """Stream tokens (n_seq, T) through the model; per layer, per neuron: the top_m activations
     and their positions (flat indices into tokens), firing count, sum of positive activations,
-    and that sum over the `marked` positions (a bool (n_seq, T) tensor, e.g. concept words).
-    Memory stays O(top_m * d_ff) per layer whatever the number of tokens."""
+    and that sum over each set of marked positions in `marks` ({name: bool (n_seq, T) tensor},
+    e.g. concept_marks()). Memory stays O(top_m * d_ff) per layer whatever the number of tokens."""
     dev = next(model.parameters()).device
+    marks = marks or {}
     stats = {}
     with capture(model, layers) as captured:
         for b0 in range(0, len(tokens), batch_size):
             model(tokens[b0:b0 + batch_size].to(dev))
             pos = torch.arange(b0 * tokens.size(1), (b0 + len(captured[layers[0]])) * tokens.size(1))
-            mark = (marked[b0:b0 + batch_size].flatten() if marked is not None else
-                    torch.zeros(len(pos), dtype=torch.bool)).float()
+            batch_marks = {name: m[b0:b0 + batch_size].flatten().float() for name, m in marks.items()}
             for l in layers:
                 a = captured[l].flatten(0, 1).float().cpu()  # (tokens in batch, d_ff)
                 s = stats.setdefault(l, dict(
                     values=torch.full((top_m, a.size(1)), -math.inf), positions=torch.full((top_m, a.size(1)), -1),
-                    fires=torch.zeros(a.size(1)), sum=torch.zeros(a.size(1)), marked_sum=torch.zeros(a.size(1)),
-                    n_tokens=0, n_marked=0, topk=is_topk(model, l)))
+                    fires=torch.zeros(a.size(1)), sum=torch.zeros(a.size(1)), n_tokens=0, topk=is_topk(model, l),
+                    mark_sum={name: torch.zeros(a.size(1)) for name in marks}, mark_count=dict.fromkeys(marks, 0)))
                 # the running top-M: the best of (previous top-M, this batch), per neuron
                 vals, idx = torch.cat([s["values"], a]).topk(top_m, dim=0)
                 old = idx < top_m  # still one of the previous top-M, else this batch's row idx - M
@@ -130,9 +134,10 @@ def collect(model, tokens, layers, top_m, batch_size=16, marked=None):
                 s["fires"] += (a > 0).sum(0)
                 on = a.clamp(min=0)  # activation mass: what the neuron does when it fires
                 s["sum"] += on.sum(0)
-                s["marked_sum"] += mark @ on
                 s["n_tokens"] += len(a)
-                s["n_marked"] += int(mark.sum())
+                for name, m in batch_marks.items():
+                    s["mark_sum"][name] += m @ on
+                    s["mark_count"][name] += int(m.sum())
     return stats
 
 
@@ -177,6 +182,13 @@ def semantic_clusters(wte, tokens, n_clusters, seed):
     return cluster_of
 
 
+def mean_over_firing(x):
+    """The mean of a per-neuron number over the neurons that fire (dead ones have nan entropy);
+    None (JSON null) if none does."""
+    m = x.nanmean().item()
+    return None if m != m else m
+
+
 def neuron_table(s, tokens, cluster_of):
     """Per-neuron numbers of one layer from collect()'s stats."""
     fired = s["values"] > 0
@@ -193,45 +205,114 @@ def specificity_order(table):
     return alive[key.argsort()].tolist()
 
 
-def selectivity(s):
-    """Per neuron: (mean activation on the marked tokens - mean elsewhere) / its max activation.
-    High when it is strongly on for the marked words in general, not just one of them, and off
-    elsewhere; dividing by the max makes neurons of different scales comparable."""
-    on = s['marked_sum'] / max(s['n_marked'], 1)
-    off = (s['sum'] - s['marked_sum']) / max(s['n_tokens'] - s['n_marked'], 1)
-    return (on - off) / s['values'][0].clamp(min=1e-9)
+def decoder_directions(model, layer):
+    """(n_embd, d_ff): what each neuron of the layer writes into the residual stream per unit of
+    activation, its c_proj column (for an SAE or transcoder attached by sae.py, its decoder's)."""
+    return model.transformer.h[layer].mlp.c_proj.weight
 
 
-@torch.no_grad()
-def concept_neuron(model, stats, concept_ids, trial, strength, candidates):
-    """The neuron to steer toward a concept, in two steps. What it reads: in each layer of
-    `stats` (from collect() with the concept's tokens marked), the `candidates` most selective
-    neurons. What it writes: each is steered to strength(its max activation) on the `trial`
-    sequences, and the one that gives the concept's tokens the most next-token probability wins.
-    The second step matters because a neuron can detect a concept without promoting it, and
-    selectivity does not compare neurons of different layers.
-    Returns (probability, layer, neuron, selectivity), or None when no candidate ever fires."""
-    concept_ids = torch.as_tensor(concept_ids, device=trial.device)
-    best = None
-    for l, s in stats.items():
-        score, peak = selectivity(s), s['values'][0]
-        for j in score.topk(min(candidates, len(score))).indices.tolist():
-            if peak[j] <= 0:
-                continue
-            with steering(model, l, j, strength(peak[j].item())):
-                logits, _ = model(trial)
-            p = logits.float().softmax(-1)[..., concept_ids].sum(-1).mean().item()
-            if best is None or p > best[0]:
-                best = (p, l, j, score[j].item())
-    return best
+def unembedded(model, layer):
+    """The decoder directions through ln_f's linear part, d - mean(d) times its gain (module
+    docstring): their dot product with a token's lm_head row is the logit they add to it."""
+    d = decoder_directions(model, layer)
+    return (d - d.mean(0)) * model.transformer.ln_f.weight[:, None]
 
 
 @torch.no_grad()
 def promoted_tokens(model, layer, j, n=8):
-    d = model.transformer.h[layer].mlp.c_proj.weight[:, j]
-    d = (d - d.mean()) * model.transformer.ln_f.weight  # ln_f's linear part (module docstring)
-    logits = model.lm_head.weight[:EOT + 1] @ d  # rows past EOT are vocabulary padding
+    logits = model.lm_head.weight[:EOT + 1] @ unembedded(model, layer)[:, j]  # rows past EOT are padding
     return logits.topk(n).indices.tolist()
+
+
+# -----------------------------------------------------------------------------
+# concept search (SPEC section 3): which neuron to steer for a concept named by words. A neuron
+# can read a concept (fire on its tokens), predict it (fire just before them) or write it (raise
+# their logits); each signal proposes candidates, and steering them decides.
+
+
+def concept_marks(tokens, concept_ids):
+    """The positions collect() sums over for the signals: the concept's tokens, and the positions
+    whose next token is one (the last of a row has no next token in view: not marked)."""
+    concept = torch.isin(tokens, torch.as_tensor(concept_ids))
+    before = torch.zeros_like(concept)
+    before[:, :-1] = concept[:, 1:]
+    return {"concept": concept, "next_is_concept": before}
+
+
+def selectivity(s, mark):
+    """Per neuron: (mean activation on the marked positions - mean elsewhere) / its max activation.
+    High when it is strongly on for the marked positions in general, not just some of them, and
+    off elsewhere; dividing by the max makes neurons of different scales comparable."""
+    n_on = s["mark_count"][mark]
+    on = s["mark_sum"][mark] / max(n_on, 1)
+    off = (s["sum"] - s["mark_sum"][mark]) / max(s["n_tokens"] - n_on, 1)
+    return (on - off) / s["values"][0].clamp(min=1e-9)
+
+
+def reads(s):
+    """What a neuron reads: how selectively it fires on the concept's own tokens."""
+    return selectivity(s, "concept")
+
+
+def predicts(s):
+    """What a neuron predicts: how selectively it fires where the next token is the concept's.
+    Often the useful signal in a language model: a neuron active before a word is one the model
+    uses to produce the word."""
+    return selectivity(s, "next_is_concept")
+
+
+@torch.no_grad()
+def writes(model, layer, concept_ids):
+    """What a neuron writes: how much its decoder direction, through ln_f and lm_head, raises the
+    concept tokens' logits above the average token's, in standard deviations of the logits it
+    gives all tokens (so the length of the direction does not matter). It ignores the blocks
+    between the layer and the output; the steering trial then takes them into account."""
+    d = unembedded(model, layer).float()
+    U = model.lm_head.weight[:EOT + 1].float()
+    U = U - U.mean(0)  # logits relative to the average token
+    spread = ((U @ d) ** 2).mean(0).sqrt()  # each direction's std of logits over tokens
+    return (U[torch.as_tensor(concept_ids)].mean(0) @ d) / spread.clamp(min=1e-9)
+
+
+@torch.no_grad()
+def concept_probability(model, rows, concept_ids, positions=4096):
+    """The next-token probability of the concept's tokens, summed over them, averaged over every
+    position of the rows; a few rows at a time, so at most ~positions x vocabulary logits live."""
+    total, step = 0.0, max(1, positions // rows.size(1))
+    for i in range(0, len(rows), step):
+        chunk = rows[i:i + step]
+        logits, _ = model(chunk[:, :-1], chunk[:, 1:])  # with targets: logits at every position
+        logits = logits.float()
+        total += (logits[..., concept_ids].logsumexp(-1) - logits.logsumexp(-1)).exp().sum().item()
+    return total / (len(rows) * (rows.size(1) - 1))
+
+
+@torch.no_grad()
+def concept_candidates(model, stats, concept_ids, trial, strength, candidates):
+    """Neurons to steer toward a concept, best first. Candidates: in each layer of `stats` (collect()
+    with concept_marks()), the `candidates` best neurons by each signal (reads, predicts, writes).
+    Each one is steered to strength(its max activation) on the `trial` sequences and ranked by the
+    next-token probability it gives the concept's tokens (mean over all positions): a neuron can
+    read or predict a concept without promoting it, and the signals do not compare neurons of
+    different layers. Returns a list of dicts (probability, layer, neuron, the signals that proposed
+    it, its score by each signal); empty when no candidate ever fires."""
+    concept_ids = torch.as_tensor(concept_ids, device=trial.device)
+    tried = []
+    for l, s in stats.items():
+        scores = {"reads": reads(s), "predicts": predicts(s), "writes": writes(model, l, concept_ids).cpu()}
+        proposed = {}
+        for name, score in scores.items():
+            for j in score.topk(min(candidates, len(score))).indices.tolist():
+                proposed.setdefault(j, []).append(name)
+        for j, signals in proposed.items():
+            peak = s["values"][0, j].item()
+            if peak <= 0:
+                continue
+            with steering(model, l, j, strength(peak)):
+                p = concept_probability(model, trial, concept_ids)
+            tried.append(dict(probability=p, layer=l, neuron=j, peak=peak, signals=signals,
+                              scores={name: score[j].item() for name, score in scores.items()}))
+    return sorted(tried, key=lambda c: -c["probability"])
 
 
 @torch.no_grad()
@@ -295,7 +376,8 @@ def write_page(path, model, tokens, layer, s, table, n_contexts=8, before=12, af
     for (j, p), a in zip(shown, acts):
         contexts[j].append((p, a))
     flat, esc = tokens.flatten(), html.escape
-    kind = f"TopK (k = {mlp_acts(model)[layer].k})" if is_topk(model, layer) else "dense GELU"
+    mlp = model.transformer.h[layer].mlp
+    kind = getattr(mlp, "label", None) or (f"TopK (k = {mlp.act.k})" if is_topk(model, layer) else "dense GELU")
     intro = (f"{kind} MLP, {len(order)} of {len(table['dead'])} neurons fire on {tokens.numel():,} evaluation tokens "
              f"(top {len(s['values'])} positions kept per neuron). Entropies in bits over those positions.")
     parts = [PAGE_HEAD.format(title=f"Neurons of layer {layer}", intro=esc(intro))]
@@ -336,24 +418,32 @@ def parse_neuron(spec, model, flag="--neuron"):
         l, j = (int(x) for x in spec.split(":"))
     except ValueError:
         die(f"{flag} expects LAYER:NEURON, e.g. 1:42, got {spec!r}")
-    n_layer, d_ff = len(model.transformer.h), 4 * model.config.n_embd
+    n_layer = len(model.transformer.h)
     if not 0 <= l < n_layer:
         die(f"{flag}: layer {l} out of range [0, {n_layer - 1}]")
-    if not 0 <= j < d_ff:
-        die(f"{flag}: neuron {j} out of range [0, {d_ff - 1}]")
+    n = decoder_directions(model, l).size(1)
+    if not 0 <= j < n:
+        die(f"{flag}: neuron {j} out of range [0, {n - 1}]")
     return l, j
 
 
 def main():
     configure(globals())
     model, ckpt = load_model(out_dir, resolve_device(device))
-    n_layer = len(model.transformer.h)
+    n_layer, page = len(model.transformer.h), "neurons_layer{}.html"
+    site = None
+    if dictionary:  # the same code reads a dictionary's latents, attached in place of the layer's neurons
+        from sae import attach_file
+        site = attach_file(model, dictionary)
+        page = os.path.basename(dictionary).removesuffix(".pt") + ".html"
     if neuron:
         l, j = parse_neuron(neuron, model)
-    elif 0 <= layer < n_layer:
-        l = layer
+    elif 0 <= layer < n_layer or site is not None:
+        l = layer if layer != -1 else site
     else:
         die(f"give --neuron=L:J or --layer=L with L in [0, {n_layer - 1}]")
+    if site is not None and l != site:
+        die(f"--dictionary={dictionary} sits at layer {site}, not at layer {l}")
     tokens = run_eval_tokens(eval_data, ckpt, eval_tokens, model.config.block_size)
     cluster_of = semantic_clusters(model.transformer.wte.weight, tokens, n_clusters, seed)
     stats, tables = analyse(model, tokens, [l], top_m, cluster_of, batch_size)
@@ -362,7 +452,7 @@ def main():
         print("\n".join(contexts_text(tokens, stats[l], j)) or "  (never fires)")
     else:
         run_dir = out_dir if os.path.isdir(out_dir) else os.path.dirname(os.path.abspath(out_dir))
-        path = os.path.join(run_dir, "analysis", f"neurons_layer{l}.html")
+        path = os.path.join(run_dir, "analysis", page.format(l))
         write_page(path, model, tokens, l, stats[l], tables[l])
         print(f"wrote {path}")
 

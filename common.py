@@ -159,6 +159,17 @@ def load_checkpoint(path, device="cpu"):
     return checkpoint
 
 
+def run_checkpoints(run):
+    """[(iter, path)] of a run's checkpoints in training order: the ckpt_{iter}.pt series, and
+    ckpt.pt where no snapshot has its iteration."""
+    series = {int(os.path.basename(p)[5:-3]): p for p in glob.glob(os.path.join(run, "ckpt_*.pt"))}
+    final = os.path.join(run, "ckpt.pt")
+    if not os.path.isfile(final):
+        die(f"no final checkpoint {final}")
+    series.setdefault(load_checkpoint(final)["iter_num"], final)
+    return sorted(series.items())
+
+
 def load_model(path, device="cpu"):
     """A trained model ready for inference: eval mode, alpha = 0 (fully sparse).
     path is an out_dir (its ckpt.pt) or a checkpoint file. Returns (model, checkpoint)."""

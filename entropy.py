@@ -13,7 +13,6 @@ OUT_DIR/analysis/: entropy.json, entropy_final.png (the distribution per layer a
 checkpoint), entropy_vs_step.png, neuron_formation.png (one neuron's top tokens at each
 checkpoint), and neurons_layer{L}.html for every TopK layer of the final checkpoint.
 """
-import glob
 import json
 import os
 
@@ -23,9 +22,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from analysis import (analyse, is_topk, parse_neuron, run_eval_tokens, semantic_clusters, specificity_order,
-                      write_page)
-from common import atomic_write, decode, load_checkpoint, load_model, resolve_device
+from analysis import (analyse, is_topk, mean_over_firing, parse_neuron, run_eval_tokens, semantic_clusters,
+                      specificity_order, write_page)
+from common import atomic_write, decode, load_checkpoint, load_model, resolve_device, run_checkpoints
 from configurator import configure, die
 from model import annealed_alpha
 
@@ -47,22 +46,6 @@ configure(globals())
 device = resolve_device(device)
 
 
-def checkpoints(run):
-    """[(iter, path)] of a run in training order; ckpt.pt only where no ckpt_*.pt has its iter."""
-    series = {int(os.path.basename(p)[5:-3]): p for p in glob.glob(os.path.join(run, 'ckpt_*.pt'))}
-    final = os.path.join(run, 'ckpt.pt')
-    if not os.path.isfile(final):
-        die(f"no final checkpoint {final}")
-    series.setdefault(load_checkpoint(final)['iter_num'], final)
-    return sorted(series.items())
-
-
-def mean(x):
-    """The mean over neurons that fire (dead ones have nan entropy); None (JSON null) if none do."""
-    m = x.nanmean().item()
-    return None if m != m else m
-
-
 final_ckpt = load_checkpoint(out_dir)
 seq_len = final_ckpt['model_args']['block_size']
 tokens = run_eval_tokens(eval_data, final_ckpt, eval_tokens, seq_len)
@@ -75,7 +58,7 @@ for run in [out_dir] + ([compare] if compare else []):
     name = os.path.basename(os.path.abspath(run))
     name = name if name not in runs else name + '-compare'
     rows, history = [], []
-    for it, path in checkpoints(run):
+    for it, path in run_checkpoints(run):
         model, ckpt = load_model(path, device)
         if ckpt['model_args']['block_size'] < seq_len:
             die(f"{path} has block_size {ckpt['model_args']['block_size']} < the {seq_len}-token evaluation sequences")
@@ -85,8 +68,8 @@ for run in [out_dir] + ([compare] if compare else []):
         layers = list(range(len(model.transformer.h)))
         stats, tables = analyse(model, tokens, layers, top_m, cluster_of, batch_size)
         rows.append({'iter': it, 'alpha': alpha, 'layers': [
-            {'layer': l, 'topk': is_topk(model, l), 'token_entropy_mean': mean(t['h_tok']),
-             'semantic_entropy_mean': mean(t['h_sem']), 'dead_fraction': t['dead'].float().mean().item()}
+            {'layer': l, 'topk': is_topk(model, l), 'token_entropy_mean': mean_over_firing(t['h_tok']),
+             'semantic_entropy_mean': mean_over_firing(t['h_sem']), 'dead_fraction': t['dead'].float().mean().item()}
             for l, t in tables.items()]})
         history.append((it, {l: t['top_ids'] for l, t in tables.items()}))
         print(f"{name} iter {it} (alpha {alpha:.2f}): token entropy " +

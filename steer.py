@@ -3,27 +3,32 @@ Steer generation with one neuron: set its activation to a value at every positio
 TopK mask, alpha = 0) and compare with unsteered samples drawn with the same seeds.
 
     python steer.py --out_dir=out-toy --layer=1 --neuron=42 --scale=2
-    python steer.py --out_dir=out-toy --concept="busy paid corporate job office salary manager"
+    python steer.py --out_dir=out-toy --concept="job office salary manager career boss"
 
-With --concept, the neuron is found by analysis.concept_neuron: among the neurons of each TopK
-layer that fire most selectively on the concept's tokens in the evaluation data (what a neuron
-reads), the one whose steering gives those tokens the most probability (what it writes). Both
-steps matter: on the toy corpus at --scale=4, the most selective neuron of all (in the last
-TopK layer) raised the hit rate from 0.10 to 0.20, the two-step choice to 1.0. A neuron that
-fires on a word predicts what follows the word, so name a concept by the words that come
-before its words too (the toy corpus's topic adjectives: "busy paid corporate ..."); with the
-work nouns alone, no candidate promoted them. The concept's tokens are the single-token forms
-of each word (" job", "job", " Job", "Job"). The hit rate of a set of samples is the fraction
-that contain any concept word in their continuation (whole word, case-insensitive).
-The last output line is one JSON object with the neuron, the value and both hit rates.
+With --concept, the neuron is found in two rounds. analysis.concept_candidates proposes what
+neurons read (fire on the concept's tokens), predict (fire just before them) and write (raise
+their logits), in every TopK layer, and ranks them by the probability their steering gives the
+concept's tokens on a few evaluation sequences. The --n_finalists best are then each sampled at
+every strength, and the best hit rate at an acceptable fluency wins: the trial measures what a
+neuron pushes, the samples whether the text stays text. The concept's tokens are the single-token
+forms of each word (" job", "job", " Job", "Job").
+
+Quality (SPEC section 3): the hit rate of a set of samples is the fraction whose continuation
+contains a concept word (whole word, case-insensitive); fluency is the perplexity of each
+continuation under the unsteered model, averaged over samples. Without --scale or --value the
+strength is swept over --scales and the best hit rate among the strengths whose steered
+perplexity stays within 2x the baseline's is kept. The last output line is one JSON object.
 """
 import json
 import math
+import os
 import re
 
 import torch
+from torch.nn import functional as F
 
-from analysis import collect, concept_neuron, contexts_text, is_topk, run_eval_tokens, steering
+from analysis import (collect, concept_marks, concept_candidates, contexts_text, decoder_directions, is_topk,
+                      run_eval_tokens, steering)
 from common import decode, encode, encode_prompt, load_model, resolve_device
 from configurator import configure, die
 
@@ -31,11 +36,14 @@ from configurator import configure, die
 out_dir = 'out'  # the run to steer (its ckpt.pt), or a checkpoint file
 layer = -1  # the neuron's layer (with --concept alone: restrict the search to it; -1 = all TopK layers)
 neuron = -1  # the neuron's index in its layer (-1 with --concept: search for it)
-concept = ''  # words naming a concept, e.g. "work job salary": picks the neuron, scores samples
-value = float('nan')  # the activation to set, absolute; nan = --scale times the neuron's max
-scale = 1.5  # strength as a multiple of the neuron's max activation on evaluation data (toy corpus: 4 made word lists)
+concept = ''  # words naming a concept, e.g. "job salary boss": picks the neuron, scores samples
+value = float('nan')  # the activation to set, absolute; nan = a multiple of the neuron's max
+scale = float('nan')  # strength as a multiple of the neuron's max on evaluation data; nan = sweep --scales
+scales = '0.5,0.75,1,1.25,1.5,2,3,4'  # the strengths swept when neither --scale nor --value is given
+max_ppl_ratio = 2.0  # the sweep keeps strengths whose steered perplexity is at most this times the baseline's
+plot = False  # with a sweep: write hit rate and perplexity against scale to OUT_DIR/analysis/steering_L_J.png
 prompts = 'The story began|On Monday,|Anna said that|Here is what happened'  # neutral prompts, separated by |
-num_samples = 5  # samples per prompt, baseline and steered each
+num_samples = 10  # samples per prompt, baseline and steered each
 max_new_tokens = 60  # tokens generated per sample
 temperature = 0.8  # sampling temperature
 top_k = 200  # sample among the top_k most likely tokens; 0 = all
@@ -43,89 +51,261 @@ seed = 1337  # the baseline and steered samples of a prompt share this seed
 eval_data = ''  # data dir (val shards) or .txt file to find the neuron / its max; '' = the run's data_dir
 eval_tokens = 32768  # evaluation tokens for --concept and --scale
 top_m = 32  # top-activating positions kept per neuron
-candidates = 6  # with --concept: the most selective neurons of each layer, tried by their steering effect
+candidates = 6  # with --concept: the best neurons of each layer by each signal, tried by steering
+n_finalists = 3  # with --concept: the candidates sampled at every strength: each layer's best by the trial, then the next best
 batch_size = 16  # sequences per forward pass on evaluation data
+dictionary = ''  # an SAE or transcoder file from sae.py: steer its latents (in place of its layer's neurons)
 device = 'auto'
 # -----------------------------------------------------------------------------
-configure(globals())
-if max_new_tokens < 1:
-    die(f"--max_new_tokens must be at least 1, got {max_new_tokens}")
-if num_samples < 1:
-    die(f"--num_samples must be at least 1, got {num_samples}")
-if candidates < 1:
-    die(f"--candidates must be at least 1, got {candidates}")
-prompt_list = prompts.split('|')
-prompt_ids = [encode_prompt(p, '--prompts') for p in prompt_list]  # dies on an empty prompt
-device = resolve_device(device)
-model, ckpt = load_model(out_dir, device)
-n_layer, d_ff = len(model.transformer.h), 4 * model.config.n_embd
-search = bool(concept) and neuron == -1  # else the given neuron is steered (and scored on the concept)
-if not -1 <= layer < n_layer or (layer == -1 and not search):
-    die(f"--layer must be in [0, {n_layer - 1}], got {layer}" + ("" if concept else " (or give --concept)"))
-if not search and not 0 <= neuron < d_ff:
-    die(f"--neuron must be in [0, {d_ff - 1}], got {neuron}")
 
 
-def evaluation(layers, marked_ids=None):
-    tokens = run_eval_tokens(eval_data, ckpt, eval_tokens, model.config.block_size)
-    marked = torch.isin(tokens, torch.tensor(marked_ids)) if marked_ids else None
-    return tokens, collect(model, tokens, layers, top_m, batch_size, marked)
+def concept_token_ids(words):
+    """The single-token forms of each word: ' job', 'job', ' Job', 'Job' where each is one token."""
+    return sorted({t[0] for w in words for form in (' ' + w, w, ' ' + w.capitalize(), w.capitalize())
+                   if len(t := encode(form)) == 1})
 
 
-words = concept.replace(',', ' ').split()
-if search:
-    ids = sorted({t[0] for w in words for form in (' ' + w, w, ' ' + w.capitalize(), w.capitalize())
-                  if len(t := encode(form)) == 1})
-    if not ids:
-        die(f"--concept: none of {words} is a single GPT-2 token")
-    layers = [layer] if layer >= 0 else [l for l in range(n_layer) if is_topk(model, l)]
-    if not layers:
-        print("note: this model has no TopK block (topk = 0); searching its dense blocks")
-        layers = list(range(n_layer))
-    tokens, stats = evaluation(layers, ids)
-    if any(s['n_marked'] == 0 for s in stats.values()):
+def hit_pattern(words):
+    return re.compile(r'\b(?:' + '|'.join(map(re.escape, words)) + r')\b', re.IGNORECASE)
+
+
+def find_concept_candidates(model, tokens, ids, layers, strength, top_m=32, candidates=6, batch_size=16):
+    """(stats, candidates best first) for the concept tokens ids on evaluation tokens:
+    analysis.concept_candidates over `layers`, with the first 8 sequences as trial data."""
+    stats = collect(model, tokens, layers, top_m, batch_size, concept_marks(tokens, ids))
+    if any(s['mark_count']['concept'] == 0 for s in stats.values()):
         die(f"--concept: no concept token ({', '.join(repr(decode([t])) for t in ids)}) in the evaluation data")
-    trial = tokens[:8].to(device)  # a few sequences show what a neuron promotes
-    best = concept_neuron(model, stats, ids, trial, lambda peak: scale * peak if math.isnan(value) else value,
-                          candidates)
-    if best is None:
+    trial = tokens[:8].to(next(model.parameters()).device)
+    found = concept_candidates(model, stats, ids, trial, strength, candidates)
+    if not found:
         die("--concept: none of the candidate neurons fires on the evaluation data")
-    probability, layer, neuron, score = best
-    print(f"concept tokens: {' '.join(repr(decode([t])) for t in ids)}")
-    print(f"chosen neuron: layer {layer} neuron {neuron}, selectivity {score:.3f} (mean activation on concept "
-          f"tokens minus elsewhere, over its max), steered concept probability {probability:.3f}")
-    print("\n".join(contexts_text(tokens, stats[layer], neuron)))
-elif math.isnan(value):
-    tokens, stats = evaluation([layer])
-if not is_topk(model, layer):
-    print(f"note: layer {layer} is a dense GELU block, not TopK: its neurons are not sparse features")
-if math.isnan(value):
-    peak = stats[layer]['values'][0, neuron].item()
-    if peak <= 0:
-        die(f"--neuron={neuron} of layer {layer} never fires on the evaluation data; give --value instead of --scale")
-    value = scale * peak
-    print(f"value = {scale} x max activation {peak:.3f} = {value:.3f}")
+    return stats, found
 
-# -----------------------------------------------------------------------------
-pattern = re.compile(r'\b(?:' + '|'.join(map(re.escape, words)) + r')\b', re.IGNORECASE) if words else None
-hits = {'baseline': [], 'steered': []}
-for i, (text, ids) in enumerate(zip(prompt_list, prompt_ids)):
-    x = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
-    out = {}
-    for mode in hits:
-        torch.manual_seed(seed + i)  # the same random draws for both: only the steering differs
-        with steering(model, layer, neuron, value if mode == 'steered' else None):  # same path for both
-            y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None)
-        out[mode] = [decode(row[len(ids):].tolist()) for row in y]
-        if pattern:
-            hits[mode] += [bool(pattern.search(s)) for s in out[mode]]
-    for n in range(num_samples):
-        print(f"--- prompt {text!r}, sample {n + 1}")
-        for mode in hits:
-            print(f"{mode:>8}: {text + out[mode][n]!r}")
-rates = {m: sum(h) / len(h) if h else None for m, h in hits.items()}
-if pattern:
-    print(f"concept-hit rate over {len(hits['baseline'])} samples: baseline {rates['baseline']:.2f}, "
-          f"steered {rates['steered']:.2f}")
-print(json.dumps({'layer': layer, 'neuron': neuron, 'value': value,
-                  'baseline_hit_rate': rates['baseline'], 'steered_hit_rate': rates['steered']}))
+
+@torch.no_grad()
+def continuation_perplexity(model, prompt, continuations):
+    """Fluency: per row of continuations (n, L), exp of the mean next-token loss of its L tokens
+    under the model, given the prompt and the tokens before. Beyond block_size tokens, the last
+    block_size + 1 are scored in one window (the continuation's last block_size tokens)."""
+    rows = torch.cat([torch.tensor(prompt).expand(len(continuations), -1), continuations.cpu()], 1)
+    rows = rows[:, -(model.config.block_size + 1):].to(next(model.parameters()).device)
+    logits, _ = model(rows[:, :-1], rows[:, 1:])  # with targets: logits at every position
+    L = min(continuations.size(1), rows.size(1) - 1)
+    nll = F.cross_entropy(logits[:, -L:].transpose(1, 2).float(), rows[:, -L:], reduction='none')
+    return nll.mean(1).exp().cpu()
+
+
+def sample_continuations(model, prompt_ids, layer, neuron, value, num_samples, max_new_tokens, temperature,
+                         top_k, seed):
+    """num_samples continuations (token tensors (num_samples, max_new_tokens)) of each prompt,
+    with neuron (layer, neuron) set to value, or through the same hooked path unchanged when value
+    is None, so that a steered set and its baseline differ by the steering alone. Prompt i draws
+    from seed + i in both."""
+    dev, out = next(model.parameters()).device, []
+    for i, ids in enumerate(prompt_ids):
+        torch.manual_seed(seed + i)
+        with steering(model, layer, neuron, value):
+            y = model.generate(torch.tensor([ids] * num_samples, device=dev), max_new_tokens,
+                               temperature=temperature, top_k=top_k or None)
+        out.append(y[:, len(ids):].cpu())
+    return out
+
+
+def quality(model, prompt_ids, continuations, pattern):
+    """Hit rate (None without a pattern), mean perplexity under `model` as it is called (the
+    unsteered model: no steering hook is on when steer_and_score calls this) and texts of
+    continuations (one tensor per prompt)."""
+    texts = [[decode(row.tolist()) for row in c] for c in continuations]
+    hits = [bool(pattern.search(t)) for ts in texts for t in ts] if pattern else []
+    ppl = torch.cat([continuation_perplexity(model, p, c) for p, c in zip(prompt_ids, continuations)])
+    return dict(hit_rate=sum(hits) / len(hits) if hits else None, ppl=ppl.mean().item(), texts=texts,
+                continuations=continuations)
+
+
+def pick_scale(sweep, baseline_ppl, max_ratio=2.0):
+    """The sweep row to keep: among rows whose perplexity is at most max_ratio times the baseline's,
+    the best hit rate (on a tie, the gentler strength), or without hit rates (no concept) the
+    strongest; if no row is that fluent, the most fluent row."""
+    fluent = [r for r in sweep if r['ppl'] <= max_ratio * baseline_ppl]
+    if not fluent:
+        return min(sweep, key=lambda r: r['ppl'])
+    if all(r['hit_rate'] is None for r in fluent):
+        return max(fluent, key=lambda r: r['scale'])
+    return max(fluent, key=lambda r: (r['hit_rate'], -r['scale']))
+
+
+def steer_and_score(model, layer, neuron, strengths, peak, prompt_ids, pattern, settings):
+    """Baseline and one steered set per strength (a multiple of peak, or absolute if peak is
+    None): (quality() of the baseline, [the same plus 'scale', 'value'] per strength).
+    settings: num_samples, max_new_tokens, temperature, top_k, seed."""
+    def scored(v):  # sampled with the neuron set to v, scored without (fluency under the unsteered model)
+        return quality(model, prompt_ids, sample_continuations(model, prompt_ids, layer, neuron, v, **settings), pattern)
+    base = scored(None)
+    sweep = [dict(scale=s, value=s * peak if peak is not None else s, **scored(s * peak if peak is not None else s))
+             for s in strengths]
+    return base, sweep
+
+
+def steer_finalists(model, finalists, strengths, prompt_ids, pattern, settings, max_ratio=2.0):
+    """Each finalist ({layer, neuron, peak}) steered at every strength beside its own baseline;
+    pick_scale keeps one row of each, and the winner is the finalist whose kept row is fluent
+    (perplexity within max_ratio of its baseline's) with the best hit rate, the earlier on a tie.
+    Returns ([(finalist, baseline, sweep, kept)], index of the winner)."""
+    results = []
+    for f in finalists:
+        base, sweep = steer_and_score(model, f['layer'], f['neuron'], strengths, f['peak'], prompt_ids, pattern, settings)
+        results.append((f, base, sweep, pick_scale(sweep, base['ppl'], max_ratio)))
+    return results, pick_finalist([(base, kept) for _, base, _, kept in results], max_ratio)
+
+
+def pick_finalists(found, n):
+    """The n candidates to sample (found: best first by the trial): the best of each layer first,
+    since the trial favours layers that push the next token directly over those that set a
+    context, then the next best overall."""
+    per_layer = [c for i, c in enumerate(found) if all(c['layer'] != d['layer'] for d in found[:i])]
+    return (per_layer + [c for c in found if c not in per_layer])[:n]
+
+
+def pick_finalist(pairs, max_ratio=2.0):
+    """Index of the (baseline, kept row) pair that wins: among the fluent ones the best hit rate,
+    else the least perplexity over its baseline's; on a tie the earlier (ranked higher by the trial)."""
+    def rank(base, kept):
+        ratio = kept['ppl'] / base['ppl']
+        return (True, kept['hit_rate'] or 0) if ratio <= max_ratio else (False, -ratio)
+    return max(range(len(pairs)), key=lambda i: (rank(*pairs[i]), -i))
+
+
+def trial_strength(value, scale):
+    """The strength concept candidates are tried at: the given --value or --scale, else (a sweep
+    to come) each candidate's own max activation, scale 1."""
+    if not math.isnan(value):
+        return lambda peak: value
+    return lambda peak: (1.0 if math.isnan(scale) else scale) * peak
+
+
+def plot_sweep(path, sweep, base, title):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from common import atomic_write
+    x = [r['scale'] for r in sweep]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if base['hit_rate'] is not None:
+        ax.plot(x, [r['hit_rate'] for r in sweep], 'o-', color='C0', label='steered hit rate')
+        ax.axhline(base['hit_rate'], color='C0', ls=':', label='baseline hit rate')
+    ax.set_xlabel('scale (x the neuron\'s max activation)')
+    ax.set_ylabel('hit rate')
+    ax.set_ylim(-0.05, 1.05)
+    ax2 = ax.twinx()
+    ax2.plot(x, [r['ppl'] for r in sweep], 's--', color='C3', label='steered perplexity')
+    ax2.axhline(base['ppl'], color='C3', ls=':', label='baseline perplexity')
+    ax2.set_ylabel('perplexity under the unsteered model')
+    fig.legend(fontsize=8, loc='upper left')
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=80))
+
+
+def main():
+    configure(globals())
+    global layer, neuron
+    for flag, v in (('max_new_tokens', max_new_tokens), ('num_samples', num_samples), ('candidates', candidates),
+                    ('n_finalists', n_finalists)):
+        if v < 1:
+            die(f"--{flag} must be at least 1, got {v}")
+    if not max_ppl_ratio > 0:
+        die(f"--max_ppl_ratio must be positive, got {max_ppl_ratio}")
+    try:
+        sweep_scales = [float(s) for s in scales.split(',')]
+    except ValueError:
+        die(f"--scales expects numbers separated by commas, e.g. 0.5,1,2,4, got {scales!r}")
+    prompt_list = prompts.split('|')
+    prompt_ids = [encode_prompt(p, '--prompts') for p in prompt_list]  # dies on an empty prompt
+    dev = resolve_device(device)
+    model, ckpt = load_model(out_dir, dev)
+    if dictionary:  # its latents are steered with the same code as neurons
+        from sae import attach_file
+        site = attach_file(model, dictionary)
+        if layer not in (-1, site):
+            die(f"--layer={layer}, but --dictionary={dictionary} sits at layer {site}")
+        layer = site
+    n_layer = len(model.transformer.h)
+    search = bool(concept) and neuron == -1  # else the given neuron is steered (and scored on the concept)
+    if not -1 <= layer < n_layer or (layer == -1 and not search):
+        die(f"--layer must be in [0, {n_layer - 1}], got {layer}" + ("" if concept else " (or give --concept)"))
+    if not search and not 0 <= neuron < decoder_directions(model, layer).size(1):
+        die(f"--neuron must be in [0, {decoder_directions(model, layer).size(1) - 1}], got {neuron}")
+    absolute = not math.isnan(value)
+    strengths = [value] if absolute else [scale] if not math.isnan(scale) else sweep_scales
+    words = concept.replace(',', ' ').split()
+    tokens = stats = None
+    if search or not absolute:
+        tokens = run_eval_tokens(eval_data, ckpt, eval_tokens, model.config.block_size)
+    if search:
+        ids = concept_token_ids(words)
+        if not ids:
+            die(f"--concept: none of {words} is a single GPT-2 token")
+        layers = [layer] if layer >= 0 else [l for l in range(n_layer) if is_topk(model, l)]
+        if not layers:
+            print("note: this model has no TopK block (topk = 0); searching its dense blocks")
+            layers = list(range(n_layer))
+        stats, found = find_concept_candidates(model, tokens, ids, layers, trial_strength(value, scale), top_m,
+                                               candidates, batch_size)
+        finalists = pick_finalists(found, n_finalists)
+        print(f"concept tokens: {' '.join(repr(decode([t])) for t in ids)}")
+        for f in finalists:
+            print(f"finalist {f['layer']}:{f['neuron']}, proposed by {'+'.join(f['signals'])} (" +
+                  ", ".join(f"{k} {v:.2f}" for k, v in f['scores'].items()) +
+                  f"), steered concept probability {f['probability']:.4f}")
+    else:
+        peak = None
+        if not absolute:
+            stats = collect(model, tokens, [layer], top_m, batch_size)
+            peak = stats[layer]['values'][0, neuron].item()
+            if peak <= 0:
+                die(f"--neuron={neuron} of layer {layer} never fires on the evaluation data; give --value instead of --scale")
+        finalists = [dict(layer=layer, neuron=neuron, peak=peak, signals=None)]
+    if absolute:
+        finalists = [dict(f, peak=None) for f in finalists]
+
+    pattern = hit_pattern(words) if words else None
+    settings = dict(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
+                    top_k=top_k, seed=seed)
+    results, win = steer_finalists(model, finalists, strengths, prompt_ids, pattern, settings, max_ppl_ratio)
+    fmt = lambda r: ((f"hit rate {r['hit_rate']:.2f}, " if pattern else "") + f"perplexity {r['ppl']:.2f}")
+    for f, base, sweep, kept in results:
+        print(f"neuron {f['layer']}:{f['neuron']}" + (f", max activation {f['peak']:.3f}" if f['peak'] else "") +
+              f"; baseline: {fmt(base)}")
+        for r in sweep:
+            print(f"  {'value' if absolute else 'scale'} {r['scale']:g} (value {r['value']:.3f}): {fmt(r)}")
+    best, base, sweep, chosen = results[win]
+    layer, neuron = best['layer'], best['neuron']
+    fluent = chosen['ppl'] <= max_ppl_ratio * base['ppl']
+    print(f"chosen: neuron {layer}:{neuron} at {'value' if absolute else 'scale'} {chosen['scale']:g}, " +
+          ("the best hit rate" if pattern else "the strongest") + f" with perplexity within {max_ppl_ratio:g}x the "
+          "baseline's" if fluent else f"no strength stayed within {max_ppl_ratio:g}x the baseline perplexity: the most fluent")
+    if stats is not None:
+        print("\n".join(contexts_text(tokens, stats[layer], neuron)))
+    if not is_topk(model, layer):
+        print(f"note: layer {layer} is a dense GELU block, not TopK: its neurons are not sparse features")
+    if plot and len(sweep) > 1:
+        run_dir = out_dir if os.path.isdir(out_dir) else os.path.dirname(os.path.abspath(out_dir))
+        path = os.path.join(run_dir, 'analysis', f'steering_{layer}_{neuron}.png')
+        plot_sweep(path, sweep, base, f"neuron {layer}:{neuron}" + (f", concept: {concept}" if concept else ""))
+        print(f"wrote {path}")
+    for i, text in enumerate(prompt_list):
+        for n in range(num_samples):
+            print(f"--- prompt {text!r}, sample {n + 1}")
+            print(f"baseline: {text + base['texts'][i][n]!r}")
+            print(f" steered: {text + chosen['texts'][i][n]!r}")
+    print(f"over {len(prompt_list) * num_samples} samples: baseline {fmt(base)}; steered {fmt(chosen)}")
+    print(json.dumps({'layer': layer, 'neuron': neuron, 'value': chosen['value'],
+                      'baseline_hit_rate': base['hit_rate'], 'steered_hit_rate': chosen['hit_rate'],
+                      'baseline_ppl': base['ppl'], 'steered_ppl': chosen['ppl'],
+                      'scale': None if absolute else chosen['scale'], 'signals': best['signals'],
+                      'sweep': [{k: r[k] for k in ('scale', 'value', 'hit_rate', 'ppl')} for r in sweep],
+                      'finalists': [f"{f['layer']}:{f['neuron']}" for f, *_ in results]}))
+
+
+if __name__ == '__main__':
+    main()

@@ -12,6 +12,7 @@ import torch
 from torch.nn import functional as F
 
 import analysis
+import steer
 from common import EOT, encode, save_checkpoint, write_shard
 from model import GPT, GPTConfig
 
@@ -129,21 +130,57 @@ def concept_setup():
 
 
 def concept_stats(model, tokens, ids):
-    return analysis.collect(model, tokens, [0, 1], top_m=4, marked=torch.isin(tokens, torch.tensor(ids)))
+    return analysis.collect(model, tokens, [0, 1], top_m=4, marks=analysis.concept_marks(tokens, ids))
 
 
-def test_selectivity_is_mean_on_marked_minus_mean_elsewhere_over_the_max():
+def test_reads_is_mean_on_the_concept_minus_mean_elsewhere_over_the_max():
     model, tokens, ids = concept_setup()
     with analysis.capture(model, [1]) as captured:
         model(tokens)
     a = captured[1].flatten(0, 1).clamp(min=0)
     on = torch.isin(tokens.flatten(), torch.tensor(ids))
     expected = (a[on].mean(0) - a[~on].mean(0)) / a.max(0).values.clamp(min=1e-9)
-    torch.testing.assert_close(analysis.selectivity(concept_stats(model, tokens, ids)[1]), expected,
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(analysis.reads(concept_stats(model, tokens, ids)[1]), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_concept_neuron_picks_the_candidate_that_promotes_the_concept():
+def test_concept_marks_flag_the_concept_and_the_position_before_it():
+    tokens = torch.tensor([[7, 1, 7, 2], [1, 1, 3, 7]])
+    marks = analysis.concept_marks(tokens, [7])
+    assert marks['concept'].tolist() == [[True, False, True, False], [False, False, False, True]]
+    assert marks['next_is_concept'].tolist() == [[False, True, False, False], [False, False, True, False]]
+
+
+def plant_reader(model, layer, j, token):
+    """Make neuron j of a block fire on `token` alone: the token's embedding gets a long random
+    direction u, which the residual stream carries into the MLP, the neuron's encoder row is u, and
+    a negative bias keeps it off where attention has mixed only a little u into other positions."""
+    u = F.normalize(torch.randn(model.config.n_embd, generator=torch.Generator().manual_seed(1)), dim=0)
+    with torch.no_grad():
+        model.transformer.wte.weight[token] = 3 * u
+        model.transformer.h[layer].mlp.c_fc.weight[j] = 3 * (u - u.mean())
+        model.transformer.h[layer].mlp.c_fc.bias[j] = -8.0
+
+
+def test_predicts_finds_a_neuron_that_fires_just_before_the_concept():
+    model, X, C, j = tiny_model(), 5000, 6000, 40
+    plant_reader(model, 0, j, X)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(100, 1000, (8, 32), generator=g)
+    tokens[:, 5::8], tokens[:, 6::8] = X, C  # the concept C always follows X
+    stats = analysis.collect(model, tokens, [0], top_m=4, marks=analysis.concept_marks(tokens, [C]))
+    assert int(analysis.predicts(stats[0]).argmax()) == j
+    assert int(analysis.reads(stats[0]).argmax()) != j  # it does not fire on the concept itself
+
+
+def test_writes_finds_a_decoder_column_set_to_the_concept_unembedding():
+    model, C, j = tiny_model(), 6000, 77
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_proj.weight[:, j] = 0.5 * model.lm_head.weight[C]
+    score = analysis.writes(model, 1, [C])
+    assert int(score.argmax()) == j and score[j] > 3  # standard deviations above the average token
+
+
+def test_concept_candidates_rank_the_neuron_that_promotes_the_concept_first():
     model, tokens, ids = concept_setup()
     # plant a neuron of layer 1 whose decoder column is ' salary''s (tied) embedding, made long
     # enough that writing it into the residual stream makes ' salary' the likeliest next token
@@ -152,12 +189,77 @@ def test_concept_neuron_picks_the_candidate_that_promotes_the_concept():
         model.transformer.wte.weight[ids[2]] = 3 * u
         model.transformer.h[1].mlp.c_proj.weight[:, j] = 10 * u
     stats = concept_stats(model, tokens, ids)
-    p, layer, neuron, sel = analysis.concept_neuron(model, stats, ids, tokens, lambda peak: 5.0, 128)
-    assert (layer, neuron) == (1, j) and p > 0.5
-    assert sel == pytest.approx(analysis.selectivity(stats[1])[j].item())
-    # with one candidate per layer, only each layer's most selective neuron is tried
-    _, layer, neuron, _ = analysis.concept_neuron(model, stats, ids, tokens, lambda peak: 5.0, 1)
-    assert neuron == int(analysis.selectivity(stats[layer]).argmax())
+    found = analysis.concept_candidates(model, stats, ids, tokens, lambda peak: 5.0, 4)
+    best = found[0]
+    assert (best['layer'], best['neuron']) == (1, j) and best['probability'] > 0.5
+    assert 'writes' in best['signals']  # found by its decoder direction, whatever it reads
+    assert best['scores']['reads'] == pytest.approx(analysis.reads(stats[1])[j].item())
+    assert [c['probability'] for c in found] == sorted((c['probability'] for c in found), reverse=True)
+    # with one candidate per signal, only each layer's best neuron by each signal is tried
+    found = analysis.concept_candidates(model, stats, ids, tokens, lambda peak: 5.0, 1)
+    for c in found:
+        tops = {int(analysis.reads(stats[c['layer']]).argmax()), int(analysis.predicts(stats[c['layer']]).argmax()),
+                int(analysis.writes(model, c['layer'], ids).argmax())}
+        assert c['neuron'] in tops
+
+
+def test_fluency_is_exp_of_the_mean_next_token_loss_of_the_continuation():
+    model = tiny_model()
+    g = torch.Generator().manual_seed(0)
+    prompt, continuations = [EOT], torch.randint(0, 1000, (3, 12), generator=g)
+    ppl = steer.continuation_perplexity(model, prompt, continuations)
+    for row, p in zip(continuations, ppl):
+        seq = torch.tensor([prompt + row.tolist()])
+        _, loss = model(seq[:, :-1], seq[:, 1:])  # with a one-token prompt, every target is the continuation's
+        assert p.item() == pytest.approx(math.exp(loss.item()), rel=1e-5)
+    # a longer prompt conditions the continuation but is not scored itself
+    prompt = [EOT] + encode(' Anna saw the job')
+    seq = torch.tensor([prompt + continuations[0].tolist()])
+    logits, _ = model(seq[:, :-1], seq[:, 1:])
+    loss = F.cross_entropy(logits[0, len(prompt) - 1:], seq[0, len(prompt):])
+    assert steer.continuation_perplexity(model, prompt, continuations[:1])[0].item() == pytest.approx(
+        math.exp(loss.item()), rel=1e-5)
+
+
+def test_steered_samples_are_scored_by_the_unsteered_model():
+    model, prompt_ids, j = tiny_model(), [[EOT] + encode(' Anna saw')], 5
+    settings = dict(num_samples=3, max_new_tokens=6, temperature=1.0, top_k=0, seed=0)
+    base, sweep = steer.steer_and_score(model, 0, j, [8.0], None, prompt_ids, None, settings)
+    continuations = sweep[0]['continuations'][0]
+    unsteered = steer.continuation_perplexity(model, prompt_ids[0], continuations).mean().item()
+    assert sweep[0]['ppl'] == pytest.approx(unsteered, rel=1e-6)
+    with analysis.steering(model, 0, j, 8.0):  # what scoring under the steered model would give instead
+        assert steer.continuation_perplexity(model, prompt_ids[0], continuations).mean().item() != pytest.approx(
+            unsteered, rel=1e-3)
+    assert base['hit_rate'] is None and not torch.equal(base['continuations'][0], continuations)
+
+
+def test_the_sweep_keeps_the_best_hit_rate_among_fluent_strengths():
+    row = lambda scale, hit_rate, ppl: dict(scale=scale, hit_rate=hit_rate, ppl=ppl)
+    sweep = [row(0.5, 0.2, 10), row(1, 0.6, 15), row(2, 0.6, 19), row(4, 1.0, 41)]
+    assert steer.pick_scale(sweep, baseline_ppl=10)['scale'] == 1  # 4 is beyond 2x; a tie keeps the gentler
+    assert steer.pick_scale(sweep, baseline_ppl=25)['scale'] == 4  # within 2x now
+    assert steer.pick_scale(sweep, baseline_ppl=10, max_ratio=1.2)['scale'] == 0.5
+    assert steer.pick_scale(sweep[1:], baseline_ppl=5)['scale'] == 1  # none within 2x: the most fluent
+    no_concept = [dict(r, hit_rate=None) for r in sweep]
+    assert steer.pick_scale(no_concept, baseline_ppl=10)['scale'] == 2  # no hit rates: the strongest fluent
+
+
+def test_the_finalists_are_each_layers_best_then_the_next_best():
+    found = [dict(layer=l, neuron=j) for l, j in [(0, 5), (0, 6), (2, 1), (0, 7), (1, 3)]]  # best first
+    pick = lambda n: [(c['layer'], c['neuron']) for c in steer.pick_finalists(found, n)]
+    assert pick(3) == [(0, 5), (2, 1), (1, 3)]
+    assert pick(4) == [(0, 5), (2, 1), (1, 3), (0, 6)]
+    assert pick(2) == [(0, 5), (2, 1)]
+
+
+def test_the_finalist_kept_is_the_fluent_one_with_the_best_hit_rate():
+    base = dict(ppl=10)
+    row = lambda hit_rate, ppl: dict(hit_rate=hit_rate, ppl=ppl)
+    assert steer.pick_finalist([(base, row(0.9, 30)), (base, row(0.5, 12))]) == 1  # 0.9 is not fluent
+    assert steer.pick_finalist([(base, row(0.5, 12)), (base, row(0.7, 19))]) == 1
+    assert steer.pick_finalist([(base, row(0.7, 12)), (base, row(0.7, 11))]) == 0  # a tie: the trial's order
+    assert steer.pick_finalist([(base, row(0.9, 50)), (dict(ppl=20), row(0.2, 45))]) == 1  # none fluent: least ratio
 
 
 def test_entropy_of_uniform_and_single_token():
@@ -240,29 +342,37 @@ def runs(tmp_path_factory):
     data = root / 'data'
     write_shard(str(data / 'tiny_val_000000.bin'), tokens_of(text(150, seed=1)))
     train_tokens = torch.tensor(tokens_of(text(300, seed=2)))
+    write_shard(str(data / 'tiny_train_000001.bin'), train_tokens.numpy())  # what sae.py trains on
     train_tiny(root / 'topk', data, 8, train_tokens)
     train_tiny(root / 'dense', data, 0, train_tokens)
     return root
 
 
-def test_steer_end_to_end(runs):
+def test_steer_end_to_end(runs, tmp_path):
     r = run('steer.py', f'--out_dir={runs / "topk"}', '--concept=job office salary', '--num_samples=2',
-            '--max_new_tokens=8', '--prompts=The|Anna saw', '--eval_tokens=2048')
+            '--max_new_tokens=8', '--prompts=The|Anna saw', '--eval_tokens=2048', '--scales=1,3', '--plot=True')
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     result = json.loads(lines[-1])
-    assert set(result) == {'layer', 'neuron', 'value', 'baseline_hit_rate', 'steered_hit_rate'}
+    assert {'layer', 'neuron', 'value', 'baseline_hit_rate', 'steered_hit_rate', 'baseline_ppl', 'steered_ppl',
+            'scale', 'signals', 'sweep', 'finalists'} == set(result)
+    assert len(result['finalists']) == 3 and f"{result['layer']}:{result['neuron']}" in result['finalists']
     assert result['layer'] in (0, 1) and 0 <= result['baseline_hit_rate'] <= 1 and result['value'] > 0
+    assert [s['scale'] for s in result['sweep']] == [1, 3] and result['scale'] in (1, 3)
+    assert set(result['signals']) <= {'reads', 'predicts', 'writes'} and result['signals']
+    assert result['baseline_ppl'] > 1 and result['steered_ppl'] > 1
     assert sum(line.startswith('--- prompt') for line in lines) == 4
+    assert (runs / 'topk' / 'analysis' / f"steering_{result['layer']}_{result['neuron']}.png").stat().st_size > 0
     r = run('steer.py', f'--out_dir={runs / "topk"}', '--layer=2', '--neuron=5', '--value=2.5',
             '--num_samples=1', '--max_new_tokens=3', '--prompts=The')
     assert r.returncode == 0, r.stderr
     assert 'dense GELU block' in r.stdout
-    assert json.loads(r.stdout.strip().splitlines()[-1]) == {
-        'layer': 2, 'neuron': 5, 'value': 2.5, 'baseline_hit_rate': None, 'steered_hit_rate': None}
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (result['layer'], result['neuron'], result['value'], result['baseline_hit_rate']) == (2, 5, 2.5, None)
 
 
-@pytest.mark.parametrize('bad', ['--layer=3', '--neuron=128', '--neuron=-1', '--prompts=The| ', '--max_new_tokens=0'])
+@pytest.mark.parametrize('bad', ['--layer=3', '--neuron=128', '--neuron=-1', '--prompts=The| ', '--max_new_tokens=0',
+                                 '--scales=1,x'])
 def test_steer_rejects_bad_flags_in_one_line(runs, bad, monkeypatch):
     # in-process (runpy) to save an interpreter start per case; die() raises SystemExit
     monkeypatch.setattr(sys, 'argv', ['steer.py', f'--out_dir={runs / "topk"}', '--layer=0', '--neuron=1', bad])
@@ -295,3 +405,50 @@ def test_entropy_and_neuron_text_end_to_end(runs):
     r = run('analysis.py', f'--out_dir={out}', '--neuron=0:3', '--eval_tokens=2048')
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith('layer 0 neuron 3:') and 'promotes:' in r.stdout
+
+
+def run_in_process(monkeypatch, capsys, script, *args):
+    """A script's main run here (no interpreter start per run); returns what it printed."""
+    monkeypatch.setattr(sys, 'argv', [script, *args])
+    runpy.run_path(os.path.join(HERE, script), run_name='__main__')
+    return capsys.readouterr().out
+
+
+def test_sae_then_its_latents_on_a_page_and_steered_end_to_end(runs, monkeypatch, capsys):
+    dense, topk = runs / 'dense', runs / 'topk'
+    run_in_process(monkeypatch, capsys, 'sae.py', f'--out_dir={dense}', f'--compare={topk}', '--n_tokens=2048',
+                   '--batch_size=256', '--eval_tokens=1024', '--top_m=4', '--n_clusters=4')
+    result = json.loads((dense / 'sae' / 'comparison.json').read_text())
+    assert set(result['routes']) == {'TopK LM neurons', 'dense twin neurons', 'dense + sae', 'dense + transcoder'}
+    for kind in ('sae', 'transcoder'):
+        route = result['routes'][f'dense + {kind}']
+        assert set(route['layers']) == {'0', '1'} and route['training']['tokens'] == 2048  # 8 steps of 8 x 32 tokens
+        for v in route['layers'].values():
+            assert v['fvu'] >= 0 and 0 < v['l0'] <= 8 and v['ce_zero'] > 0 and math.isfinite(v['loss_recovered'])
+    assert set(result['stability']['seeds']) == {'0', '1'}
+    assert result['stability']['checkpoints']['dense_iters'] == [4, 8]  # the snapshot nearest 60% of 8 steps
+    assert (dense / 'sae' / 'comparison.png').stat().st_size > 0
+    assert sorted(p.name for p in (dense / 'sae').glob('*.pt')) == sorted(
+        f'{name}_layer{l}{suffix}.pt' for l in (0, 1) for name, suffix in
+        [('sae', ''), ('sae', '_seed1'), ('sae', '_iter4'), ('transcoder', '')])
+    # a second run reuses what is trained alike, and trains again what is not
+    printed = run_in_process(monkeypatch, capsys, 'sae.py', f'--out_dir={dense}', f'--compare={topk}', '--n_tokens=2048',
+                             '--batch_size=256', '--eval_tokens=1024', '--top_m=4', '--n_clusters=4', '--stability=False')
+    assert 'training it again' not in printed and json.loads((dense / 'sae' / 'comparison.json').read_text())[
+        'routes']['dense + sae']['training'] == result['routes']['dense + sae']['training']
+    printed = run_in_process(monkeypatch, capsys, 'sae.py', f'--out_dir={dense}', f'--compare={topk}', '--n_tokens=1024',
+                             '--batch_size=256', '--eval_tokens=1024', '--top_m=4', '--n_clusters=4', '--stability=False',
+                             '--kind=transcoder', '--layer=1')
+    assert printed.count('training it again') == 1 and 'transcoder_layer1.pt was trained with other settings' in printed
+    assert set(json.loads((dense / 'sae' / 'comparison.json').read_text())['routes']['dense + transcoder']['layers']) == {'1'}
+
+    # the same analysis and steering code reads a dictionary's latents
+    printed = run_in_process(monkeypatch, capsys, 'analysis.py', f'--out_dir={dense}',
+                             f"--dictionary={dense / 'sae' / 'sae_layer1.pt'}", '--eval_tokens=2048')
+    page = (dense / 'analysis' / 'sae_layer1.html').read_text()
+    assert 'SAE (k = 8)' in page and 'neuron 1:' in page
+    printed = run_in_process(monkeypatch, capsys, 'steer.py', f'--out_dir={dense}', '--concept=job office salary',
+                             f"--dictionary={dense / 'sae' / 'transcoder_layer0.pt'}", '--num_samples=2',
+                             '--max_new_tokens=8', '--prompts=The', '--scales=1,2', '--eval_tokens=2048')
+    result = json.loads(printed.strip().splitlines()[-1])
+    assert result['layer'] == 0 and 0 <= result['neuron'] < 128 and result['steered_ppl'] > 1
