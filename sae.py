@@ -267,6 +267,22 @@ def activation_batches(model, layers, data_dir, n_tokens, batch_tokens, seed):
         yield {l: (h.flatten(0, 1), y.flatten(0, 1)) for l, (h, y) in io.items()}
 
 
+def initial_coders(d_in, n_latents, k, kind, seed, layers, dev='cpu'):
+    """{layer: coder} as training starts them. Seeded once per (kind, seed) and built for every layer
+    up to the last in order, so layer l starts the same whichever other layers train with it."""
+    torch.manual_seed(seed)
+    built = [SparseCoder(d_in, n_latents, k, kind == 'transcoder') for _ in range(max(layers) + 1)]
+    return {l: built[l].to(dev) for l in layers}
+
+
+def near_initialisation(coder, initial, threshold=0.7):
+    """Fraction of latents whose decoder direction still has cosine > threshold with the one it
+    started from: how far training moved the dictionary (random directions in d_in dimensions
+    have cosine ~ 1/sqrt(d_in))."""
+    cos = F.cosine_similarity(coder.decoder.weight.detach().float().cpu(), initial.decoder.weight.detach().float().cpu(), dim=0)
+    return float((cos > threshold).float().mean())
+
+
 def train_dictionaries(model, layers, specs, data_dir, k, settings, desc):
     """Train a coder per (kind, init seed) in specs and per layer, all in one pass over the data.
     Returns ({(kind, seed, layer): coder}, {(kind, seed): seconds}, tokens seen): the seconds of
@@ -277,9 +293,7 @@ def train_dictionaries(model, layers, specs, data_dir, k, settings, desc):
     rate = settings['lr'] or 2e-4 / math.sqrt(n_latents / 2 ** 14)
     trainers = {}
     for kd, s in specs:
-        torch.manual_seed(s)
-        for l in layers:
-            coder = SparseCoder(d_in, n_latents, k, kd == 'transcoder').to(dev)
+        for l, coder in initial_coders(d_in, n_latents, k, kd, s, layers, dev).items():
             trainers[kd, s, l] = Trainer(coder, rate, settings['aux_coef'], settings['dead_tokens'])
     seconds, tokens = dict.fromkeys(specs, 0.0), 0
     sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)  # time what the GPU did
@@ -536,6 +550,9 @@ def main():
     if stability and 'sae' in kinds:  # the same dictionary again? across seeds, and across checkpoints
         result['stability']['seeds'] = {l: shared_fraction(main_coders('sae')[l].decoder.weight,
                                                            main_coders('sae', s=seed + 1)[l].decoder.weight)[0] for l in sites}
+        initial = initial_coders(cfg.n_embd, main_coders('sae')[sites[0]].encoder.out_features, cfg.topk, 'sae', seed, sites)
+        result['stability']['near_initialisation'] = {l: near_initialisation(main_coders('sae')[l], initial[l])
+                                                      for l in sites}
         early_iter, early_path = checkpoints['early']
         early_tables = tables_of(load_model(early_path, dev)[0], main_coders('sae', 'early'))
         topk_early_iter, topk_early_path = snapshot_near(compare, early)
@@ -590,6 +607,8 @@ def report(result):
     if s:
         print("shared across seeds (SAE, cosine > 0.7 after matching): " +
               ", ".join(f"layer {l} {f(v, 2)}" for l, v in s['seeds'].items()))
+        print("SAE latents still within cosine 0.7 of their initial direction: " +
+              ", ".join(f"layer {l} {f(v, 2)}" for l, v in s['near_initialisation'].items()))
         c = s['checkpoints']
         print(f"shared across checkpoints (dense iter {c['dense_iters'][0]} -> {c['dense_iters'][1]}, SAE matched; "
               f"TopK iter {c['topk_iters'][0]} -> {c['topk_iters'][1]}, neuron j = neuron j):")

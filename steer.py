@@ -189,7 +189,7 @@ def plot_sweep(path, sweep, base, title):
     import matplotlib.pyplot as plt
     from common import atomic_write
     x = [r['scale'] for r in sweep]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(6, 4.2))
     if base['hit_rate'] is not None:
         ax.plot(x, [r['hit_rate'] for r in sweep], 'o-', color='C0', label='steered hit rate')
         ax.axhline(base['hit_rate'], color='C0', ls=':', label='baseline hit rate')
@@ -200,9 +200,9 @@ def plot_sweep(path, sweep, base, title):
     ax2.plot(x, [r['ppl'] for r in sweep], 's--', color='C3', label='steered perplexity')
     ax2.axhline(base['ppl'], color='C3', ls=':', label='baseline perplexity')
     ax2.set_ylabel('perplexity under the unsteered model')
-    fig.legend(fontsize=8, loc='upper left')
+    fig.legend(fontsize=8, loc='lower center', ncol=2)  # below the axes: the curves use the whole box
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=80))
 
 

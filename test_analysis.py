@@ -417,7 +417,7 @@ def run_in_process(monkeypatch, capsys, script, *args):
 def test_sae_then_its_latents_on_a_page_and_steered_end_to_end(runs, monkeypatch, capsys):
     dense, topk = runs / 'dense', runs / 'topk'
     run_in_process(monkeypatch, capsys, 'sae.py', f'--out_dir={dense}', f'--compare={topk}', '--n_tokens=2048',
-                   '--batch_size=256', '--eval_tokens=1024', '--top_m=4', '--n_clusters=4')
+                   '--batch_size=256', '--eval_tokens=512', '--top_m=4', '--n_clusters=4')
     result = json.loads((dense / 'sae' / 'comparison.json').read_text())
     assert set(result['routes']) == {'TopK LM neurons', 'dense twin neurons', 'dense + sae', 'dense + transcoder'}
     for kind in ('sae', 'transcoder'):
@@ -425,7 +425,7 @@ def test_sae_then_its_latents_on_a_page_and_steered_end_to_end(runs, monkeypatch
         assert set(route['layers']) == {'0', '1'} and route['training']['tokens'] == 2048  # 8 steps of 8 x 32 tokens
         for v in route['layers'].values():
             assert v['fvu'] >= 0 and 0 < v['l0'] <= 8 and v['ce_zero'] > 0 and math.isfinite(v['loss_recovered'])
-    assert set(result['stability']['seeds']) == {'0', '1'}
+    assert set(result['stability']['seeds']) == set(result['stability']['near_initialisation']) == {'0', '1'}
     assert result['stability']['checkpoints']['dense_iters'] == [4, 8]  # the snapshot nearest 60% of 8 steps
     assert (dense / 'sae' / 'comparison.png').stat().st_size > 0
     assert sorted(p.name for p in (dense / 'sae').glob('*.pt')) == sorted(
@@ -433,11 +433,11 @@ def test_sae_then_its_latents_on_a_page_and_steered_end_to_end(runs, monkeypatch
         [('sae', ''), ('sae', '_seed1'), ('sae', '_iter4'), ('transcoder', '')])
     # a second run reuses what is trained alike, and trains again what is not
     printed = run_in_process(monkeypatch, capsys, 'sae.py', f'--out_dir={dense}', f'--compare={topk}', '--n_tokens=2048',
-                             '--batch_size=256', '--eval_tokens=1024', '--top_m=4', '--n_clusters=4', '--stability=False')
+                             '--batch_size=256', '--eval_tokens=512', '--top_m=4', '--n_clusters=4', '--stability=False')
     assert 'training it again' not in printed and json.loads((dense / 'sae' / 'comparison.json').read_text())[
         'routes']['dense + sae']['training'] == result['routes']['dense + sae']['training']
     printed = run_in_process(monkeypatch, capsys, 'sae.py', f'--out_dir={dense}', f'--compare={topk}', '--n_tokens=1024',
-                             '--batch_size=256', '--eval_tokens=1024', '--top_m=4', '--n_clusters=4', '--stability=False',
+                             '--batch_size=256', '--eval_tokens=512', '--top_m=4', '--n_clusters=4', '--stability=False',
                              '--kind=transcoder', '--layer=1')
     assert printed.count('training it again') == 1 and 'transcoder_layer1.pt was trained with other settings' in printed
     assert set(json.loads((dense / 'sae' / 'comparison.json').read_text())['routes']['dense + transcoder']['layers']) == {'1'}
@@ -449,6 +449,6 @@ def test_sae_then_its_latents_on_a_page_and_steered_end_to_end(runs, monkeypatch
     assert 'SAE (k = 8)' in page and 'neuron 1:' in page
     printed = run_in_process(monkeypatch, capsys, 'steer.py', f'--out_dir={dense}', '--concept=job office salary',
                              f"--dictionary={dense / 'sae' / 'transcoder_layer0.pt'}", '--num_samples=2',
-                             '--max_new_tokens=8', '--prompts=The', '--scales=1,2', '--eval_tokens=2048')
+                             '--max_new_tokens=8', '--prompts=The', '--scales=1,2', '--eval_tokens=1024')
     result = json.loads(printed.strip().splitlines()[-1])
     assert result['layer'] == 0 and 0 <= result['neuron'] < 128 and result['steered_ppl'] > 1

@@ -195,3 +195,17 @@ def test_a_dictionary_file_loads_with_weights_only_and_bad_files_fail_in_one_lin
     torch.save({'weights': torch.ones(2)}, tmp_path / 'bad.pt')
     with pytest.raises(SystemExit, match=r"^error: .*bad.pt is not a dictionary written by sae.py"):
         sae.load_dictionary(str(tmp_path / 'bad.pt'))
+
+
+def test_initial_coders_rebuild_where_training_started_and_training_moves_away_from_it():
+    a = sae.initial_coders(32, 64, 4, 'sae', 0, [0, 1, 2])
+    b = sae.initial_coders(32, 64, 4, 'sae', 0, [1])  # layer 1 alone starts as it does beside 0 and 2
+    torch.testing.assert_close(a[1].decoder.weight, b[1].decoder.weight, rtol=0, atol=0)
+    assert sae.near_initialisation(a[1], b[1]) == 1.0
+    g = torch.Generator().manual_seed(0)
+    directions = F.normalize(torch.randn(32, 64, generator=g), dim=0)
+    trainer = sae.Trainer(a[1], lr=1e-2, dead_tokens=256 * 20)
+    for _ in range(300):
+        x = planted(256, directions, 4, g)
+        trainer.step(x, x)
+    assert sae.near_initialisation(a[1], b[1]) < 0.3  # it found the planted directions instead
