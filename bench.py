@@ -19,10 +19,13 @@ import sys
 import tempfile
 import time
 
+import pyarrow as pa  # installed with datasets
+import pyarrow.parquet as pq
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import common
+import prepare
 import sparse_mlp
 from configurator import configure, die
 from model import GPT, MLP, GPTConfig
@@ -59,7 +62,7 @@ sparse_new = 128  # generated tokens (greedy, dense vs sparse c_proj)
 decode_repeats = 3  # timed generations without and with KV cache
 sparse_repeats = 7  # timed generations with dense and sparse c_proj (a smaller gain: more rounds)
 # prepare.py's tokenizer
-prepare_input = "../shared/data/fineweb-edu-sample-150.parquet"  # documents (column 'text'), repeated as needed
+prepare_input = ""  # a .parquet of documents (column 'text'), e.g. a FineWeb-Edu file, repeated as needed; '' = skip
 prepare_tokens = 4_000_000  # tokens to tokenize and write as a shard; 0 = skip
 # -----------------------------------------------------------------------------
 GPT2_PRESET = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=16, mlp_tokens=16384)
@@ -240,11 +243,11 @@ def bench_decoding(ctx):
     model = GPT(cfg).to(device).eval()
     prompt = torch.randint(common.VOCAB_SIZE, (1, sparse_prompt), device=device)
 
-    def run(name, fast, transposed_fc=True):
+    def run_large(name, fast, transposed_fc=True):
         out[name] = generate(model, prompt, sparse_new, ctx, fast=fast, transposed_fc=transposed_fc)
 
-    t = race({"dense": lambda: run("dense", False), "sparse": lambda: run("sparse", True),
-              "proj_only": lambda: run("proj_only", True, transposed_fc=False)}, sparse_repeats)
+    t = race({"dense": lambda: run_large("dense", False), "sparse": lambda: run_large("sparse", True),
+              "proj_only": lambda: run_large("proj_only", True, transposed_fc=False)}, sparse_repeats)
     with torch.no_grad(), ctx:  # the logits of every position of the whole generated sequence
         seq = out["dense"][:, :cfg.block_size]
         logits = []
@@ -263,9 +266,6 @@ def bench_decoding(ctx):
 def bench_prepare():
     """prepare.py itself, run as a user runs it, on real FineWeb-Edu text repeated to about
     prepare_tokens tokens: reading, tokenizing and shard writing, as prepare.py times them."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import prepare
     here = os.path.dirname(os.path.abspath(__file__))
     path = os.path.join(here, prepare_input)
     if not os.path.isfile(path):
@@ -285,6 +285,64 @@ def bench_prepare():
 
 def mib(n):
     return f"{n / 2**20:9.1f}"
+
+
+def print_training(tr):
+    print(f"\ntraining iteration   {'ms':>9} {'tokens/s':>9} {'vs dense':>8} {'peak MiB':>9} "
+          f"{'saved MiB':>9}" + (f" {'MFU':>6}" if "mfu" in tr["dense"] else ""))
+    labels = {"dense": "dense (topk=0)", "topk": "TopK, alpha=0", "anneal": f"TopK, alpha={anneal_alpha}"}
+    for v, r in tr.items():
+        print(f"  {labels[v]:<18} {1e3 * r['seconds']:9.1f} {r['tokens_per_s']:9.0f} "
+              f"{r['vs_dense']:8.2f} {mib(r['peak'])} {mib(r['saved'])}"
+              + (f" {100 * r['mfu']:5.1f}%" if "mfu" in r else ""))
+    print("  peak: allocated during one step beyond weights and optimizer state; "
+          "saved: activations kept for the backward")
+
+
+def print_mlp(mlp):
+    print(f"\nMLP forward+backward, {mlp_tokens} tokens {'ms':>9} {'vs dense':>8} {'peak MiB':>9}")
+    for v, label in (("dense", "dense GELU"), ("topk", "TopK, sparse path"), ("reference", "TopK, reference")):
+        print(f"  {label:<31} {1e3 * mlp[v]['seconds']:9.1f} "
+              f"{mlp[v]['vs_dense']:8.2f} {mib(mlp[v]['peak'])}")
+
+
+def print_decoding(dec):
+    small = f"{n_layer}x{n_embd}, {decode_prompt} prompt + {decode_new} new"
+    large = f"{sparse_n_layer}x{sparse_n_embd}, {sparse_prompt} prompt + {sparse_new} new"
+    rows = [(f"{small}, no cache", dec["nocache"]), (f"{small}, KV cache", dec["cache"]),
+            (f"{large}, KV cache, dense c_proj", dec["dense_proj"]),
+            (f"{large}, KV cache, sparse c_proj", dec["proj_only"]),
+            (f"{large}, KV cache, sparse c_proj + W_fc^T", dec["sparse_proj"])]
+    print(f"\ndecoding, batch 1, greedy {' ' * 31} {'tokens/s':>8} {'speedup':>8}")
+    for label, r in rows:
+        print(f"  {label:<54} {r['tokens_per_s']:8.1f}" + (
+            f" {r['speedup']:8.2f}  same tokens: {r['same']}" if "speedup" in r else ""))
+    print(f"  sparse vs dense c_proj, max |logit difference|: {dec['sparse_proj']['max_abs_diff']:.1e}")
+
+
+def summary(tr, mlp, dec, prep):
+    """The ratios and rates of every table, for scripts (the last output line, as JSON)."""
+    return dict(
+        device=device if device == "cpu" else torch.cuda.get_device_name(device), dtype=dtype,
+        train_topk_over_dense=tr["topk"]["vs_dense"],
+        anneal_over_dense=tr["anneal"]["vs_dense"],
+        peak_mem_topk_over_dense=tr["topk"]["peak"] / tr["dense"]["peak"],
+        saved_mem_topk_over_dense=tr["topk"]["saved"] / tr["dense"]["saved"],
+        mlp_topk_over_dense=mlp["topk"]["vs_dense"],
+        mlp_reference_over_dense=mlp["reference"]["vs_dense"],
+        mlp_peak_mem_topk_over_dense=mlp["topk"]["peak"] / mlp["dense"]["peak"],
+        kv_cache_speedup=dec["cache"]["speedup"],
+        kv_cache_same_tokens=dec["cache"]["same"],
+        sparse_decode_speedup=dec["sparse_proj"]["speedup"],
+        sparse_proj_only_decode_speedup=dec["proj_only"]["speedup"],
+        sparse_decode_same_tokens=dec["sparse_proj"]["same"],
+        sparse_decode_max_abs_diff=dec["sparse_proj"]["max_abs_diff"],
+        prepare_tokens_per_s=prep["tokens_per_s"] if prep else None,
+        **{f"train_tokens_per_s_{v}": r["tokens_per_s"] for v, r in tr.items()},
+        **{f"peak_mib_{v}": r["peak"] / 2**20 for v, r in tr.items()},
+        **{f"mfu_{v}": r["mfu"] for v, r in tr.items() if "mfu" in r},
+        **{f"decode_tokens_per_s_{v}": r["tokens_per_s"] for v, r in dec.items()},
+    )
 
 
 def main():
@@ -307,64 +365,18 @@ def main():
     print(f"device {device}{threads}, {dtype}, torch.compile {'on' if use_compile else 'off'}, torch {torch.__version__}")
     print(f"model: n_layer {n_layer}, n_embd {n_embd}, d_ff {4 * n_embd}, block_size {block_size}, "
           f"batch_size {batch_size}, k {topk}, n_nontopk {n_nontopk}")
-
     tr = bench_training(ctx, use_compile)
-    print(f"\ntraining iteration   {'ms':>9} {'tokens/s':>9} {'vs dense':>8} {'peak MiB':>9} "
-          f"{'saved MiB':>9}" + (f" {'MFU':>6}" if "mfu" in tr["dense"] else ""))
-    labels = {"dense": "dense (topk=0)", "topk": "TopK, alpha=0", "anneal": f"TopK, alpha={anneal_alpha}"}
-    for v, r in tr.items():
-        print(f"  {labels[v]:<18} {1e3 * r['seconds']:9.1f} {r['tokens_per_s']:9.0f} "
-              f"{r['vs_dense']:8.2f} {mib(r['peak'])} {mib(r['saved'])}"
-              + (f" {100 * r['mfu']:5.1f}%" if "mfu" in r else ""))
-    print("  peak: allocated during one step beyond weights and optimizer state; "
-          "saved: activations kept for the backward")
-
+    print_training(tr)
     mlp = bench_mlp(ctx)
-    print(f"\nMLP forward+backward, {mlp_tokens} tokens {'ms':>9} {'vs dense':>8} {'peak MiB':>9}")
-    for v, label in (("dense", "dense GELU"), ("topk", "TopK, sparse path"), ("reference", "TopK, reference")):
-        print(f"  {label:<31} {1e3 * mlp[v]['seconds']:9.1f} "
-              f"{mlp[v]['vs_dense']:8.2f} {mib(mlp[v]['peak'])}")
-
+    print_mlp(mlp)
     dec = bench_decoding(ctx)
-    small = f"{n_layer}x{n_embd}, {decode_prompt} prompt + {decode_new} new"
-    large = f"{sparse_n_layer}x{sparse_n_embd}, {sparse_prompt} prompt + {sparse_new} new"
-    rows = [(f"{small}, no cache", dec["nocache"]), (f"{small}, KV cache", dec["cache"]),
-            (f"{large}, KV cache, dense c_proj", dec["dense_proj"]),
-            (f"{large}, KV cache, sparse c_proj", dec["proj_only"]),
-            (f"{large}, KV cache, sparse c_proj + W_fc^T", dec["sparse_proj"])]
-    print(f"\ndecoding, batch 1, greedy {' ' * 31} {'tokens/s':>8} {'speedup':>8}")
-    for label, r in rows:
-        print(f"  {label:<54} {r['tokens_per_s']:8.1f}" + (
-            f" {r['speedup']:8.2f}  same tokens: {r['same']}" if "speedup" in r else ""))
-    print(f"  sparse vs dense c_proj, max |logit difference|: {dec['sparse_proj']['max_abs_diff']:.1e}")
-
-    prep = bench_prepare() if prepare_tokens > 0 else None
+    print_decoding(dec)
+    prep = bench_prepare() if prepare_tokens > 0 and prepare_input else None
     if prep:
         print(f"\nprepare.py: {prep['tokens']:,} tokens read, tokenized and written to shards: "
               f"{prep['tokens_per_s'] / 1e6:.2f}M tokens/s")
-
-    summary = dict(
-        device=device if device == "cpu" else torch.cuda.get_device_name(device), dtype=dtype,
-        train_topk_over_dense=tr["topk"]["vs_dense"],
-        anneal_over_dense=tr["anneal"]["vs_dense"],
-        peak_mem_topk_over_dense=tr["topk"]["peak"] / tr["dense"]["peak"],
-        saved_mem_topk_over_dense=tr["topk"]["saved"] / tr["dense"]["saved"],
-        mlp_topk_over_dense=mlp["topk"]["vs_dense"],
-        mlp_reference_over_dense=mlp["reference"]["vs_dense"],
-        mlp_peak_mem_topk_over_dense=mlp["topk"]["peak"] / mlp["dense"]["peak"],
-        kv_cache_speedup=dec["cache"]["speedup"],
-        kv_cache_same_tokens=dec["cache"]["same"],
-        sparse_decode_speedup=dec["sparse_proj"]["speedup"],
-        sparse_proj_only_decode_speedup=dec["proj_only"]["speedup"],
-        sparse_decode_same_tokens=dec["sparse_proj"]["same"],
-        sparse_decode_max_abs_diff=dec["sparse_proj"]["max_abs_diff"],
-        prepare_tokens_per_s=prep["tokens_per_s"] if prep else None,
-        **{f"train_tokens_per_s_{v}": r["tokens_per_s"] for v, r in tr.items()},
-        **{f"peak_mib_{v}": r["peak"] / 2**20 for v, r in tr.items()},
-        **{f"mfu_{v}": r["mfu"] for v, r in tr.items() if "mfu" in r},
-        **{f"decode_tokens_per_s_{v}": r["tokens_per_s"] for v, r in dec.items()},
-    )
-    print(json.dumps({k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in summary.items()}))
+    print(json.dumps({k: float(f"{v:.4g}") if isinstance(v, float) else v
+                      for k, v in summary(tr, mlp, dec, prep).items()}))
 
 
 if __name__ == "__main__":

@@ -170,20 +170,6 @@ def run_checkpoints(run):
     return sorted(series.items())
 
 
-def load_model(path, device="cpu"):
-    """A trained model ready for inference: eval mode, alpha = 0 (fully sparse).
-    path is an out_dir (its ckpt.pt) or a checkpoint file. Returns (model, checkpoint)."""
-    from model import GPT, GPTConfig
-    checkpoint = load_checkpoint(path, device)
-    try:
-        model = GPT(GPTConfig(**checkpoint["model_args"]))
-        model.load_state_dict(checkpoint["model"])
-    except (TypeError, ValueError, RuntimeError) as e:
-        die(f"checkpoint {path} does not fit the model: {str(e).splitlines()[0][:160]}")
-    model.set_alpha(0.0)
-    return model.to(device).eval(), checkpoint
-
-
 # -----------------------------------------------------------------------------
 # device and precision
 

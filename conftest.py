@@ -1,8 +1,226 @@
-"""Set up once for every test file: the GPT-2 tokenizer works offline, in subprocesses too."""
-import os
+"""
+What the test files share: the tokenizer offline, one thread, tiny models, scripts run as a user
+runs them, and two sets of tiny runs built once per test session (tests only read them, or copy
+them before writing):
 
+    tiny_runs    a TopK run and its dense twin, a few SGD steps on topic text, saved as train.py
+                 saves them (ckpt_{iter}.pt series and ckpt.pt): for steer, analysis, entropy, sae
+    train_runs   train.py itself, uninterrupted, stopped and resumed, and on two gloo processes:
+                 for the training, reliability and bad-input tests
+"""
+import collections
+import concurrent.futures
+import hashlib
+import os
+import random
+import runpy
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 # tiktoken reads TIKTOKEN_CACHE_DIR relative to the working directory, and tests start scripts in
 # temporary folders: make it absolute (default: the cached GPT-2 files in ../shared)
-_here = os.path.dirname(os.path.abspath(__file__))
 os.environ["TIKTOKEN_CACHE_DIR"] = os.path.abspath(
-    os.environ.get("TIKTOKEN_CACHE_DIR") or os.path.join(_here, "..", "shared", "tiktoken_cache"))
+    os.environ.get("TIKTOKEN_CACHE_DIR") or os.path.join(HERE, "..", "shared", "tiktoken_cache"))
+# one thread per process: the models here are too small to gain from more, and on a busy 2-core
+# machine threads waiting for each other make them several times slower
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+from common import EOT, encode, save_checkpoint, write_shard  # noqa: E402 (after the tokenizer's folder is set)
+from model import GPT, GPTConfig  # noqa: E402
+
+TINY = dict(block_size=32, vocab_size=50304, n_layer=3, n_head=2, n_embd=32, topk=8, n_nontopk=1)
+WORDS = {'work': 'job office salary manager boss desk'.split(), 'food': 'soup bread oven salt butter rice'.split()}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """tiny_model(seed=0, **overrides): a GPT in eval mode, by default 3 blocks of width 32 with
+    k = 8 of 128 and the last block dense, the full GPT-2 vocabulary."""
+    def make(seed=0, **overrides):
+        torch.manual_seed(seed)
+        return GPT(GPTConfig(**{**TINY, **overrides})).eval()
+    return make
+
+
+@pytest.fixture(scope="session")
+def run():
+    """run(script, *args, cwd=HERE, launcher=(python,)): a script of this repository as a
+    subprocess, one thread, output captured."""
+    def run_script(script, *args, cwd=HERE, launcher=(sys.executable,), env=None, timeout=300):
+        return subprocess.run([*launcher, os.path.join(HERE, script), *args], cwd=cwd, env=env or ENV,
+                              capture_output=True, text=True, timeout=timeout)
+    return run_script
+
+
+@pytest.fixture
+def run_main(monkeypatch, capsys):
+    """run_main(script, *args): the script's __main__ run in this process (no interpreter start),
+    returning what it printed; a die() inside raises SystemExit."""
+    def run_script(script, *args):
+        monkeypatch.setattr(sys, "argv", [script, *args])
+        runpy.run_path(os.path.join(HERE, script), run_name="__main__")
+        return capsys.readouterr().out
+    return run_script
+
+
+def topic_text(n_docs, seed):
+    """Documents on one topic each, like the toy corpus: the topic shows only in its words."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        words = WORDS[rng.choice(sorted(WORDS))]
+        docs.append(' '.join(f"{rng.choice(['Anna', 'Ben', 'Tom'])} saw the {rng.choice(words)} and the "
+                             f"{rng.choice(words)}." for _ in range(rng.randint(2, 5))))
+    return docs
+
+
+def tokens_of(docs):
+    return [t for d in docs for t in [EOT] + encode(d)]
+
+
+def train_tiny(model, out_dir, data_dir, train_tokens, max_iters=8, every=4):
+    """A few plain SGD steps of a tiny model, saved as train.py saves them (ckpt_{iter}.pt series
+    and ckpt.pt, with model_args and config), alpha annealed over the first 3/4."""
+    model.train()
+    model_args = {k: getattr(model.config, k) for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias',
+                                                        'vocab_size', 'dropout', 'topk', 'n_nontopk')}
+    config = dict(data_dir=str(data_dir), annealing_ratio=0.75, max_iters=max_iters, topk=model.config.topk)
+    g = torch.Generator().manual_seed(0)
+    for it in range(max_iters + 1):
+        model.set_alpha(max(0.0, 1 - it / (0.75 * max_iters)))
+        if it % every == 0:
+            ckpt = dict(model=model.state_dict(), model_args=model_args, iter_num=it, config=config)
+            save_checkpoint(ckpt, os.path.join(out_dir, f'ckpt_{it:06d}.pt'))
+        if it == max_iters:
+            save_checkpoint(ckpt, os.path.join(out_dir, 'ckpt.pt'))
+            break
+        starts = torch.randint(0, len(train_tokens) - 33, (4,), generator=g)
+        xy = torch.stack([train_tokens[s:s + 33] for s in starts])
+        _, loss = model(xy[:, :-1], xy[:, 1:])
+        model.zero_grad()
+        loss.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.5 * p.grad
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory, tiny_model):
+    """A folder with data/ (val and train shards of topic text), topk/ (k = 8) and dense/ (its twin)."""
+    root = tmp_path_factory.mktemp('tiny_runs')
+    data = root / 'data'
+    write_shard(str(data / 'tiny_val_000000.bin'), tokens_of(topic_text(150, seed=1)))
+    train_tokens = torch.tensor(tokens_of(topic_text(300, seed=2)))
+    write_shard(str(data / 'tiny_train_000001.bin'), train_tokens.numpy())  # what sae.py trains on
+    train_tiny(tiny_model(topk=8), root / 'topk', data, train_tokens)
+    train_tiny(tiny_model(topk=0), root / 'dense', data, train_tokens)
+    return root
+
+
+def planted(n_rows, directions, k, g):
+    """Rows that are sparse positive codes (k of the directions, weights in [1, 2]) times known unit
+    directions, plus an offset: the data a TopK SAE is built to decompose."""
+    codes = torch.zeros(n_rows, directions.size(1))
+    active = torch.rand(n_rows, directions.size(1), generator=g).topk(k, dim=1).indices
+    codes.scatter_(1, active, 1 + torch.rand(n_rows, k, generator=g))
+    return codes @ directions.T + 0.3
+
+
+@pytest.fixture
+def copied_runs(tiny_runs, tmp_path):
+    """The tiny runs copied for a test that writes into them (pages, plots, dictionaries)."""
+    for name in ('topk', 'dense'):
+        shutil.copytree(tiny_runs / name, tmp_path / name)
+    return tmp_path
+
+
+# -----------------------------------------------------------------------------
+# train.py runs
+
+# 4 iterations of 2 micro-batches; dropout on and alpha annealing over iterations 0-2, so exact resume
+# and DDP cover both; ckpt.pt is saved at iterations 2 and 4, the ckpt_{iter}.pt series at 0, 2, 4
+TRAIN = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=2",
+         "--gradient_accumulation_steps=2", "--topk=8", "--n_nontopk=1", "--dropout=0.1",
+         "--max_iters=4", "--eval_interval=2", "--eval_iters=1", "--log_interval=1", "--ckpt_interval=2",
+         "--warmup_iters=1", "--lr_decay_iters=4", "--annealing_ratio=0.5", "--learning_rate=1e-3",
+         "--device=cpu", "--dtype=float32", "--compile=False"]
+
+
+def write_data(folder, train_tokens=3000, val_tokens=1000):
+    """Random token ids (the model has nothing to learn; these runs are about the machinery)."""
+    rng = np.random.default_rng(0)
+    write_shard(os.path.join(folder, "tiny_val_000000.bin"), rng.integers(0, 50257, val_tokens))
+    write_shard(os.path.join(folder, "tiny_train_000001.bin"), rng.integers(0, 50257, train_tokens))
+    write_shard(os.path.join(folder, "tiny_train_000002.bin"), rng.integers(0, 50257, train_tokens // 2))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def train(run):
+    """train(data, out, *flags, launcher=...): train.py with TRAIN and the flags; its stdout."""
+    def train_run(data, out, *flags, launcher=(sys.executable,)):
+        result = run("train.py", *TRAIN, f"--data_dir={data}", f"--out_dir={out}", *flags, launcher=launcher)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+    return train_run
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    return write_data(str(tmp_path_factory.mktemp("data")))
+
+
+Run = collections.namedtuple("Run", "stdout out")
+
+
+@pytest.fixture(scope="session")
+def train_runs(data, train, tmp_path_factory):
+    """The runs the tests compare, each in its own out_dir, started side by side (they are
+    independent, and each spends seconds importing torch): {name: Run}."""
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    jobs = {
+        "uninterrupted": lambda out: train(data, out),
+        "stopped at 2, resumed": lambda out: train(data, out, "--stop_iter=2") + train(data, out, "--init_from=resume"),
+        "two processes": lambda out: train(data, out, launcher=torchrun),
+    }
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        outs = {name: tmp_path_factory.mktemp("run") for name in jobs}
+        futures = {name: pool.submit(job, outs[name]) for name, job in jobs.items()}
+        return {name: Run(future.result(), outs[name]) for name, future in futures.items()}
+
+
+@pytest.fixture(scope="session")
+def reference(train_runs):
+    """The uninterrupted single-process run."""
+    return train_runs["uninterrupted"]
+
+
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def fingerprint(folder):
+    """Every folder and file below folder, files with their size, inode, modification time and
+    contents: a file written, replaced, created or removed, or a folder created or removed,
+    changes it."""
+    out = {}
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            out[os.path.relpath(os.path.join(root, name), folder)] = "folder"
+        for name in files:
+            path = os.path.join(root, name)
+            st = os.stat(path)
+            out[os.path.relpath(path, folder)] = (st.st_size, st.st_ino, st.st_mtime_ns, sha256(path))
+    return out

@@ -22,11 +22,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from analysis import (analyse, is_topk, mean_over_firing, parse_neuron, run_eval_tokens, semantic_clusters,
-                      specificity_order, write_page)
-from common import atomic_write, decode, load_checkpoint, load_model, resolve_device, run_checkpoints
+from analysis import analyse, mean_over_firing, semantic_clusters, specificity_order, write_page
+from common import atomic_write, decode, load_checkpoint, resolve_device, run_checkpoints
 from configurator import configure, die
-from model import annealed_alpha
+from model import annealed_alpha, load_model
+from neurons import is_topk, parse_neuron, run_eval_tokens
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the run to analyse

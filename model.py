@@ -16,6 +16,8 @@ from torch.nn import functional as F
 
 import fused_loss
 import sparse_mlp
+from common import load_checkpoint
+from configurator import die
 
 
 @dataclass
@@ -45,7 +47,7 @@ class GPTConfig:
 
 
 class TopK(nn.Module):
-    """The TopK activation (SPEC section 1). For one token's pre-activation x in R^d_ff:
+    """The TopK activation of the paper (arXiv 2506.21468). For one token's pre-activation x in R^d_ff:
 
         y = f(x) ⊙ (alpha + (1 - alpha) * m),   f = GELU,  m_i = 1 iff i is among topk(x, k)
 
@@ -67,7 +69,7 @@ class TopK(nn.Module):
 
 def annealed_alpha(it, annealing_ratio, max_iters):
     """alpha at training iteration it: 1 (dense) at the start, linearly to 0 (exactly k) at
-    annealing_ratio * max_iters, 0 from then on (SPEC section 1)."""
+    annealing_ratio * max_iters, 0 from then on (the paper's linear schedule)."""
     span = annealing_ratio * max_iters
     return max(0.0, 1.0 - it / span) if span > 0 else 0.0
 
@@ -222,6 +224,7 @@ class GPT(nn.Module):
         return 6 * self.get_num_params() + 12 * cfg.n_layer * cfg.block_size * cfg.n_embd
 
     @torch.no_grad()
+    @sparse_mlp.decoding()  # the weights hold still while it decodes: the sparse path keeps their transposes
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
         """Sample max_new_tokens continuations of idx (B, T). With use_cache, keys and values
         are kept so each step runs one token; past block_size it falls back to re-running
@@ -251,3 +254,16 @@ class GPT(nn.Module):
                     idx_next = ix.gather(-1, torch.multinomial(F.softmax(v, dim=-1), num_samples=1))
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
+
+
+def load_model(path, device="cpu"):
+    """A trained model ready for inference: eval mode, alpha = 0 (fully sparse).
+    path is an out_dir (its ckpt.pt) or a checkpoint file. Returns (model, checkpoint)."""
+    checkpoint = load_checkpoint(path, device)
+    try:
+        model = GPT(GPTConfig(**checkpoint["model_args"]))
+        model.load_state_dict(checkpoint["model"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        die(f"checkpoint {path} does not fit the model: {str(e).splitlines()[0][:160]}")
+    model.set_alpha(0.0)
+    return model.to(device).eval(), checkpoint

@@ -21,8 +21,10 @@ import os
 import time
 
 import numpy as np
+from tqdm import tqdm  # installed with datasets
 
 import common
+import toy_corpus
 from configurator import configure, die
 
 # -----------------------------------------------------------------------------
@@ -136,7 +138,6 @@ def open_source():
         files = [[os.path.abspath(p), os.path.getsize(p)] for p in paths]
         return (lambda: local_documents(paths)), "local", {"input": files}
     if dataset == "toy":
-        import toy_corpus
         return (lambda: iter(toy_corpus.generate(seed=seed))), "toy", {"toy": toy_corpus.N_DOCS, "seed": seed}
     if dataset == "fineweb-edu":
         return fineweb_documents, "fineweb-edu", {"fineweb-edu": name}
@@ -203,7 +204,6 @@ def main():
     buf, fill = np.empty(shard_end(progress["shards"]) - start, np.uint16), 0
     common.get_encoding()  # load the BPE tables before the clock starts
     first, t0 = start, time.time()
-    from tqdm import tqdm  # installed with datasets
     workers = os.cpu_count()
     with tqdm(total=max_tokens or None, initial=start, unit="tok", unit_scale=True, desc=directory) as bar, \
             multiprocessing.Pool(workers) as pool:

@@ -5,8 +5,9 @@ Sample from a trained TopK LM (alpha = 0: exactly k neurons per token, as after 
 """
 import torch
 
-from common import autocast, decode, encode_prompt, load_model, resolve_device, resolve_dtype
+from common import autocast, decode, encode_prompt, resolve_device, resolve_dtype
 from configurator import configure, die
+from model import load_model
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the run to sample from (its ckpt.pt), or a checkpoint file

@@ -25,10 +25,10 @@ import warnings
 import torch
 from torch.nn import functional as F
 from torch.nn.modules import module as nn_module
-from torch.utils.weak import WeakIdKeyDictionary
 
 enabled = True  # off: the reference path (bench.py and the tests use switched(), below)
-transposed_fc = True  # inference keeps W_fc^T too (see _transposed); bench.py times without it as well
+transposed_fc = True  # inference reads a contiguous W_fc^T too (see decoding()); bench.py times without it as well
+_kept = None  # {id(weight): (weight, its transpose)} while decoding() is on, else None
 
 
 @contextlib.contextmanager
@@ -62,12 +62,41 @@ def applies(mlp, x):
             and mlp.act.alpha.item() == 0)
 
 
+@contextlib.contextmanager
+def decoding():
+    """model.generate runs inside this block: the weights hold still while it decodes, so the
+    transposes the sparse path needs are built once, for the first token, and kept until the
+    call returns. For c_proj they are the (d_ff, C) rows that embedding_bag gathers; for c_fc,
+    the (C, d_ff) layout in which the one-token matmul of decoding reads the weight fastest (MKL
+    streams it about 1.6x faster than F.linear's (d_ff, C); bench.py times decoding with and
+    without it). Transposing reads the whole matrix, as much work as the dense matvec of one
+    token, which would undo the saving if done at every token. Nothing is kept across calls, so
+    the next call sees any change to the weights, a write through `w.data` included (which, unlike
+    in-place updates, does not advance a tensor's version counter)."""
+    global _kept
+    saved, _kept = _kept, {}
+    try:
+        yield
+    finally:
+        _kept = saved
+
+
+def _transposed(w):
+    """w^T as a contiguous matrix: kept for the rest of the call inside decoding(), else built anew."""
+    if _kept is None:
+        return w.detach().t().contiguous()
+    hit = _kept.get(id(w))
+    if hit is None:  # the weight itself is kept too, so its id is not reused while the entry lives
+        hit = _kept[id(w)] = (w, w.detach().t().contiguous())
+    return hit[1]
+
+
 def topk_mlp(x, c_fc, c_proj, k):
     """c_proj(TopK_k(c_fc(x))) at alpha = 0 for x of shape (..., C)."""
     h = x.reshape(-1, x.size(-1))
     if torch.is_grad_enabled():
         out = TopKMLP.apply(h, c_fc.weight, c_fc.bias, c_proj.weight, c_proj.bias, k)
-    else:  # inference, e.g. decoding, runs the same weights again and again: keep their transposes
+    else:  # inference, e.g. decoding, which runs the same weights again and again (see decoding())
         w_fc_t = _transposed(c_fc.weight) if transposed_fc else c_fc.weight.t()
         out = _forward(h, w_fc_t, c_fc.bias, _transposed(c_proj.weight), c_proj.bias, k)[0]
     return out.view(x.shape)
@@ -83,29 +112,6 @@ def _forward(h, w_fc_t, b_fc, w_proj_t, b_proj, k):
     if b_proj is not None:
         out += b_proj
     return out, pre, idx
-
-
-# weight -> ((data_ptr, version), its transpose); keyed by identity: tensors' == is elementwise
-_transposes = WeakIdKeyDictionary()
-
-
-def _transposed(w):
-    """w^T as a contiguous matrix, kept between calls while w is unchanged. For c_proj: the
-    (d_ff, C) rows that embedding_bag gathers. For c_fc: the (C, d_ff) layout in which the
-    one-token matmul of decoding reads the weight fastest (MKL streams it about 1.6x faster
-    than F.linear's (d_ff, C) on README's machine; bench.py times decoding with and without it).
-    Transposing reads the whole matrix, as much work as the dense matvec of one decoded
-    token, which would undo the saving: hence the cache, a copy of both MLP weights of every
-    TopK block. Unchanged means the same storage and version counter; every in-place update
-    (optimizer.step, load_state_dict, `w[:, j] = 0` under no_grad) advances the counter, but,
-    as for autograd's own checks, writes through `w.data` do not: under no_grad, change
-    weights in place, not through .data."""
-    key = (w.data_ptr(), w._version)
-    hit = _transposes.get(w)
-    if hit is None or hit[0] != key:
-        hit = (key, w.detach().t().contiguous())
-        _transposes[w] = hit
-    return hit[1]
 
 
 def _csr(crow, col, values, shape):

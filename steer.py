@@ -5,32 +5,37 @@ TopK mask, alpha = 0) and compare with unsteered samples drawn with the same see
     python steer.py --out_dir=out-toy --layer=1 --neuron=42 --scale=2
     python steer.py --out_dir=out-toy --concept="job office salary manager career boss"
 
-With --concept, the neuron is found in two rounds. analysis.concept_candidates proposes what
-neurons read (fire on the concept's tokens), predict (fire just before them) and write (raise
-their logits), in every TopK layer, and ranks them by the probability their steering gives the
-concept's tokens on a few evaluation sequences. The --n_finalists best are then each sampled at
-every strength, and the best hit rate at an acceptable fluency wins: the trial measures what a
-neuron pushes, the samples whether the text stays text. The concept's tokens are the single-token
-forms of each word (" job", "job", " Job", "Job").
-
-Quality (SPEC section 3): the hit rate of a set of samples is the fraction whose continuation
-contains a concept word (whole word, case-insensitive); fluency is the perplexity of each
-continuation under the unsteered model, averaged over samples. Without --scale or --value the
-strength is swept over --scales and the best hit rate among the strengths whose steered
-perplexity stays within 2x the baseline's is kept. The last output line is one JSON object.
+--concept finds the neuron in two rounds. What neurons read, predict and write (neurons.py)
+proposes candidates in every TopK layer, and a trial ranks them by the probability their steering
+gives the concept's tokens (the single-token forms of its words: " job", "job", " Job", "Job").
+The --n_finalists best are each sampled at every strength: the trial measures what a neuron
+pushes, the samples whether the text stays text. Hit rate: the fraction of samples whose
+continuation holds a concept word (whole word, any case). Fluency: each continuation's perplexity
+under the unsteered model, averaged. Without --scale or --value the strength is swept over
+--scales, keeping the best hit rate within --max_ppl_ratio x the baseline's perplexity. The last
+output line is one JSON object. steer_concept() is the same search and sweep as a call (sae.py).
 """
 import json
 import math
 import os
 import re
 
+import matplotlib
+matplotlib.use('Agg')  # files only, no display
+import matplotlib.pyplot as plt
 import torch
 from torch.nn import functional as F
 
-from analysis import (collect, concept_marks, concept_candidates, contexts_text, decoder_directions, is_topk,
-                      run_eval_tokens, steering)
-from common import decode, encode, encode_prompt, load_model, resolve_device
+from common import atomic_write, decode, encode, encode_prompt, resolve_device
 from configurator import configure, die
+from dictionary import attach_file
+from model import load_model
+from neurons import (collect, concept_marks, contexts_text, decoder_directions, is_topk, predicts, reads,
+                     run_eval_tokens, steering, writes)
+
+# the defaults of steer_concept() and of the flags below
+PROMPTS = ('The story began', 'On Monday,', 'Anna said that', 'Here is what happened')  # neutral prompts
+SCALES = (0.5, 0.75, 1, 1.25, 1.5, 2, 3, 4)
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the run to steer (its ckpt.pt), or a checkpoint file
@@ -39,10 +44,10 @@ neuron = -1  # the neuron's index in its layer (-1 with --concept: search for it
 concept = ''  # words naming a concept, e.g. "job salary boss": picks the neuron, scores samples
 value = float('nan')  # the activation to set, absolute; nan = a multiple of the neuron's max
 scale = float('nan')  # strength as a multiple of the neuron's max on evaluation data; nan = sweep --scales
-scales = '0.5,0.75,1,1.25,1.5,2,3,4'  # the strengths swept when neither --scale nor --value is given
+scales = ','.join(map(str, SCALES))  # the strengths swept when neither --scale nor --value is given
 max_ppl_ratio = 2.0  # the sweep keeps strengths whose steered perplexity is at most this times the baseline's
 plot = False  # with a sweep: write hit rate and perplexity against scale to OUT_DIR/analysis/steering_L_J.png
-prompts = 'The story began|On Monday,|Anna said that|Here is what happened'  # neutral prompts, separated by |
+prompts = '|'.join(PROMPTS)  # neutral prompts, separated by |
 num_samples = 10  # samples per prompt, baseline and steered each
 max_new_tokens = 60  # tokens generated per sample
 temperature = 0.8  # sampling temperature
@@ -69,9 +74,51 @@ def hit_pattern(words):
     return re.compile(r'\b(?:' + '|'.join(map(re.escape, words)) + r')\b', re.IGNORECASE)
 
 
-def find_concept_candidates(model, tokens, ids, layers, strength, top_m=32, candidates=6, batch_size=16):
-    """(stats, candidates best first) for the concept tokens ids on evaluation tokens:
-    analysis.concept_candidates over `layers`, with the first 8 sequences as trial data."""
+@torch.no_grad()
+def concept_probability(model, rows, concept_ids, positions=4096):
+    """The next-token probability of the concept's tokens, summed over them, averaged over every
+    position of the rows; a few rows at a time, so at most ~positions x vocabulary logits live."""
+    total, step = 0.0, max(1, positions // rows.size(1))
+    for i in range(0, len(rows), step):
+        chunk = rows[i:i + step]
+        logits, _ = model(chunk[:, :-1], chunk[:, 1:])  # with targets: logits at every position
+        logits = logits.float()
+        total += (logits[..., concept_ids].logsumexp(-1) - logits.logsumexp(-1)).exp().sum().item()
+    return total / (len(rows) * (rows.size(1) - 1))
+
+
+@torch.no_grad()
+def concept_candidates(model, stats, concept_ids, trial, strength, candidates):
+    """Neurons to steer toward a concept, best first. Candidates: in each layer of `stats` (collect()
+    with concept_marks()), the `candidates` best neurons by each signal (reads, predicts, writes).
+    Each one is steered to strength(its max activation) on the `trial` sequences and ranked by the
+    next-token probability it gives the concept's tokens (mean over all positions): a neuron can
+    read or predict a concept without promoting it, and the signals do not compare neurons of
+    different layers. Returns a list of dicts (probability, layer, neuron, the signals that proposed
+    it, its score by each signal); empty when no candidate ever fires."""
+    concept_ids = torch.as_tensor(concept_ids, device=trial.device)
+    tried = []
+    for l, s in stats.items():
+        scores = {"reads": reads(s), "predicts": predicts(s), "writes": writes(model, l, concept_ids).cpu()}
+        proposed = {}
+        for name, score in scores.items():
+            for j in score.topk(min(candidates, len(score))).indices.tolist():
+                proposed.setdefault(j, []).append(name)
+        for j, signals in proposed.items():
+            peak = s["values"][0, j].item()
+            if peak <= 0:
+                continue
+            with steering(model, l, j, strength(peak)):
+                p = concept_probability(model, trial, concept_ids)
+            tried.append(dict(probability=p, layer=l, neuron=j, peak=peak, signals=signals,
+                              scores={name: score[j].item() for name, score in scores.items()}))
+    return sorted(tried, key=lambda c: -c["probability"])
+
+
+def concept_search(model, tokens, ids, layers, strength, top_m=32, candidates=6, n_finalists=3, batch_size=16):
+    """(stats, finalists) for the concept tokens ids: collect() with concept_marks() over the
+    evaluation tokens, concept_candidates() with the first 8 sequences as trial data, and
+    pick_finalists() of what it found."""
     stats = collect(model, tokens, layers, top_m, batch_size, concept_marks(tokens, ids))
     if any(s['mark_count']['concept'] == 0 for s in stats.values()):
         die(f"--concept: no concept token ({', '.join(repr(decode([t])) for t in ids)}) in the evaluation data")
@@ -79,7 +126,23 @@ def find_concept_candidates(model, tokens, ids, layers, strength, top_m=32, cand
     found = concept_candidates(model, stats, ids, trial, strength, candidates)
     if not found:
         die("--concept: none of the candidate neurons fires on the evaluation data")
-    return stats, found
+    return stats, pick_finalists(found, n_finalists)
+
+
+def pick_finalists(found, n):
+    """The n candidates to sample (found: best first by the trial): the best of each layer first,
+    since the trial favours layers that push the next token directly over those that set a
+    context, then the next best overall."""
+    per_layer = [c for i, c in enumerate(found) if all(c['layer'] != d['layer'] for d in found[:i])]
+    return (per_layer + [c for c in found if c not in per_layer])[:n]
+
+
+def trial_strength(value, scale):
+    """The strength concept candidates are tried at: the given --value or --scale, else (a sweep
+    to come) each candidate's own max activation, scale 1."""
+    if not math.isnan(value):
+        return lambda peak: value
+    return lambda peak: (1.0 if math.isnan(scale) else scale) * peak
 
 
 @torch.no_grad()
@@ -158,14 +221,6 @@ def steer_finalists(model, finalists, strengths, prompt_ids, pattern, settings, 
     return results, pick_finalist([(base, kept) for _, base, _, kept in results], max_ratio)
 
 
-def pick_finalists(found, n):
-    """The n candidates to sample (found: best first by the trial): the best of each layer first,
-    since the trial favours layers that push the next token directly over those that set a
-    context, then the next best overall."""
-    per_layer = [c for i, c in enumerate(found) if all(c['layer'] != d['layer'] for d in found[:i])]
-    return (per_layer + [c for c in found if c not in per_layer])[:n]
-
-
 def pick_finalist(pairs, max_ratio=2.0):
     """Index of the (baseline, kept row) pair that wins: among the fluent ones the best hit rate,
     else the least perplexity over its baseline's; on a tie the earlier (ranked higher by the trial)."""
@@ -175,19 +230,25 @@ def pick_finalist(pairs, max_ratio=2.0):
     return max(range(len(pairs)), key=lambda i: (rank(*pairs[i]), -i))
 
 
-def trial_strength(value, scale):
-    """The strength concept candidates are tried at: the given --value or --scale, else (a sweep
-    to come) each candidate's own max activation, scale 1."""
-    if not math.isnan(value):
-        return lambda peak: value
-    return lambda peak: (1.0 if math.isnan(scale) else scale) * peak
+def steer_concept(model, tokens, words, layers, prompts=PROMPTS, scales=SCALES, num_samples=10, max_new_tokens=60,
+                  temperature=0.8, top_k=200, seed=1337, top_m=32, candidates=6, n_finalists=3, max_ppl_ratio=2.0,
+                  batch_size=16):
+    """What `python steer.py --concept=WORDS` does, as a call with the same defaults: the concept
+    search over `layers` on the evaluation tokens, then every finalist swept over the scales.
+    Returns the winner's (finalist, baseline quality, sweep, kept row), as steer_finalists()."""
+    ids = concept_token_ids(words)
+    if not ids:
+        die(f"--concept: none of {words} is a single GPT-2 token")
+    _, finalists = concept_search(model, tokens, ids, layers, trial_strength(math.nan, math.nan), top_m,
+                                  candidates, n_finalists, batch_size)
+    settings = dict(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
+                    top_k=top_k, seed=seed)
+    results, win = steer_finalists(model, finalists, list(scales), [encode_prompt(p) for p in prompts],
+                                   hit_pattern(words), settings, max_ppl_ratio)
+    return results[win]
 
 
 def plot_sweep(path, sweep, base, title):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    from common import atomic_write
     x = [r['scale'] for r in sweep]
     fig, ax = plt.subplots(figsize=(6, 4.2))
     if base['hit_rate'] is not None:
@@ -204,11 +265,15 @@ def plot_sweep(path, sweep, base, title):
     ax.set_title(title, fontsize=9)
     fig.tight_layout(rect=(0, 0.14, 1, 1))
     atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=80))
+    plt.close(fig)
 
 
-def main():
-    configure(globals())
-    global layer, neuron
+# -----------------------------------------------------------------------------
+# the command line: main() and its steps, which read the flags above
+
+
+def checked_flags():
+    """The flags checked before a model loads: (the strengths of a sweep, the prompts' token ids)."""
     for flag, v in (('max_new_tokens', max_new_tokens), ('num_samples', num_samples), ('candidates', candidates),
                     ('n_finalists', n_finalists)):
         if v < 1:
@@ -216,93 +281,129 @@ def main():
     if not max_ppl_ratio > 0:
         die(f"--max_ppl_ratio must be positive, got {max_ppl_ratio}")
     try:
-        sweep_scales = [float(s) for s in scales.split(',')]
+        sweep = [float(s) for s in scales.split(',')]
     except ValueError:
         die(f"--scales expects numbers separated by commas, e.g. 0.5,1,2,4, got {scales!r}")
-    prompt_list = prompts.split('|')
-    prompt_ids = [encode_prompt(p, '--prompts') for p in prompt_list]  # dies on an empty prompt
-    dev = resolve_device(device)
-    model, ckpt = load_model(out_dir, dev)
+    return sweep, [encode_prompt(p, '--prompts') for p in prompts.split('|')]  # dies on an empty prompt
+
+
+def steered_layer(model, search):
+    """--layer checked against the model (-1: every TopK layer, for a search); with --dictionary,
+    the dictionary is attached and its layer is the one steered."""
+    l = layer
     if dictionary:  # its latents are steered with the same code as neurons
-        from sae import attach_file
         site = attach_file(model, dictionary)
         if layer not in (-1, site):
             die(f"--layer={layer}, but --dictionary={dictionary} sits at layer {site}")
-        layer = site
+        l = site
     n_layer = len(model.transformer.h)
-    search = bool(concept) and neuron == -1  # else the given neuron is steered (and scored on the concept)
-    if not -1 <= layer < n_layer or (layer == -1 and not search):
-        die(f"--layer must be in [0, {n_layer - 1}], got {layer}" + ("" if concept else " (or give --concept)"))
-    if not search and not 0 <= neuron < decoder_directions(model, layer).size(1):
-        die(f"--neuron must be in [0, {decoder_directions(model, layer).size(1) - 1}], got {neuron}")
-    absolute = not math.isnan(value)
-    strengths = [value] if absolute else [scale] if not math.isnan(scale) else sweep_scales
-    words = concept.replace(',', ' ').split()
-    tokens = stats = None
-    if search or not absolute:
-        tokens = run_eval_tokens(eval_data, ckpt, eval_tokens, model.config.block_size)
-    if search:
-        ids = concept_token_ids(words)
-        if not ids:
-            die(f"--concept: none of {words} is a single GPT-2 token")
-        layers = [layer] if layer >= 0 else [l for l in range(n_layer) if is_topk(model, l)]
-        if not layers:
-            print("note: this model has no TopK block (topk = 0); searching its dense blocks")
-            layers = list(range(n_layer))
-        stats, found = find_concept_candidates(model, tokens, ids, layers, trial_strength(value, scale), top_m,
-                                               candidates, batch_size)
-        finalists = pick_finalists(found, n_finalists)
-        print(f"concept tokens: {' '.join(repr(decode([t])) for t in ids)}")
-        for f in finalists:
-            print(f"finalist {f['layer']}:{f['neuron']}, proposed by {'+'.join(f['signals'])} (" +
-                  ", ".join(f"{k} {v:.2f}" for k, v in f['scores'].items()) +
-                  f"), steered concept probability {f['probability']:.4f}")
-    else:
-        peak = None
-        if not absolute:
-            stats = collect(model, tokens, [layer], top_m, batch_size)
-            peak = stats[layer]['values'][0, neuron].item()
-            if peak <= 0:
-                die(f"--neuron={neuron} of layer {layer} never fires on the evaluation data; give --value instead of --scale")
-        finalists = [dict(layer=layer, neuron=neuron, peak=peak, signals=None)]
-    if absolute:
-        finalists = [dict(f, peak=None) for f in finalists]
+    if not -1 <= l < n_layer or (l == -1 and not search):
+        die(f"--layer must be in [0, {n_layer - 1}], got {l}" + ("" if concept else " (or give --concept)"))
+    if not search and not 0 <= neuron < decoder_directions(model, l).size(1):
+        die(f"--neuron must be in [0, {decoder_directions(model, l).size(1) - 1}], got {neuron}")
+    return l
 
-    pattern = hit_pattern(words) if words else None
-    settings = dict(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
-                    top_k=top_k, seed=seed)
-    results, win = steer_finalists(model, finalists, strengths, prompt_ids, pattern, settings, max_ppl_ratio)
-    fmt = lambda r: ((f"hit rate {r['hit_rate']:.2f}, " if pattern else "") + f"perplexity {r['ppl']:.2f}")
+
+def searched_finalists(model, tokens, words, l):
+    """(stats, finalists) of the concept search over layer l, or every TopK layer for l = -1."""
+    ids = concept_token_ids(words)
+    if not ids:
+        die(f"--concept: none of {words} is a single GPT-2 token")
+    n_layer = len(model.transformer.h)
+    layers = [l] if l >= 0 else [i for i in range(n_layer) if is_topk(model, i)]
+    if not layers:
+        print("note: this model has no TopK block (topk = 0); searching its dense blocks")
+        layers = list(range(n_layer))
+    stats, finalists = concept_search(model, tokens, ids, layers, trial_strength(value, scale), top_m, candidates,
+                                      n_finalists, batch_size)
+    print(f"concept tokens: {' '.join(repr(decode([t])) for t in ids)}")
+    for f in finalists:
+        print(f"finalist {f['layer']}:{f['neuron']}, proposed by {'+'.join(f['signals'])} (" +
+              ", ".join(f"{k} {v:.2f}" for k, v in f['scores'].items()) +
+              f"), steered concept probability {f['probability']:.4f}")
+    return stats, finalists
+
+
+def given_finalist(model, tokens, l):
+    """(stats or None, [the --layer/--neuron finalist]), with its max activation on the evaluation
+    tokens when the strength is a --scale (a multiple of it)."""
+    stats = None if tokens is None else collect(model, tokens, [l], top_m, batch_size)
+    peak = None if stats is None else stats[l]['values'][0, neuron].item()
+    if peak is not None and peak <= 0:
+        die(f"--neuron={neuron} of layer {l} never fires on the evaluation data; give --value instead of --scale")
+    return stats, [dict(layer=l, neuron=neuron, peak=peak, signals=None)]
+
+
+def quality_text(r, with_hits):
+    return (f"hit rate {r['hit_rate']:.2f}, " if with_hits else "") + f"perplexity {r['ppl']:.2f}"
+
+
+def chosen_line(best, base, kept, absolute, with_hits, max_ratio):
+    """What was kept, and why: the best (or, without a concept, the strongest) fluent strength,
+    else the most fluent one."""
+    line = f"chosen: neuron {best['layer']}:{best['neuron']} at {'value' if absolute else 'scale'} {kept['scale']:g}, "
+    if kept['ppl'] <= max_ratio * base['ppl']:
+        return line + ("the best hit rate" if with_hits else "the strongest") + \
+            f" with perplexity within {max_ratio:g}x the baseline's"
+    return line + f"no strength stayed within {max_ratio:g}x the baseline perplexity: the most fluent"
+
+
+def report_sweeps(results, win, absolute, with_hits):
+    """Every finalist's sweep beside its baseline, and the strength kept."""
     for f, base, sweep, kept in results:
         print(f"neuron {f['layer']}:{f['neuron']}" + (f", max activation {f['peak']:.3f}" if f['peak'] else "") +
-              f"; baseline: {fmt(base)}")
+              f"; baseline: {quality_text(base, with_hits)}")
         for r in sweep:
-            print(f"  {'value' if absolute else 'scale'} {r['scale']:g} (value {r['value']:.3f}): {fmt(r)}")
-    best, base, sweep, chosen = results[win]
-    layer, neuron = best['layer'], best['neuron']
-    fluent = chosen['ppl'] <= max_ppl_ratio * base['ppl']
-    print(f"chosen: neuron {layer}:{neuron} at {'value' if absolute else 'scale'} {chosen['scale']:g}, " +
-          ("the best hit rate" if pattern else "the strongest") + f" with perplexity within {max_ppl_ratio:g}x the "
-          "baseline's" if fluent else f"no strength stayed within {max_ppl_ratio:g}x the baseline perplexity: the most fluent")
-    if stats is not None:
-        print("\n".join(contexts_text(tokens, stats[layer], neuron)))
-    if not is_topk(model, layer):
-        print(f"note: layer {layer} is a dense GELU block, not TopK: its neurons are not sparse features")
-    if plot and len(sweep) > 1:
-        run_dir = out_dir if os.path.isdir(out_dir) else os.path.dirname(os.path.abspath(out_dir))
-        path = os.path.join(run_dir, 'analysis', f'steering_{layer}_{neuron}.png')
-        plot_sweep(path, sweep, base, f"neuron {layer}:{neuron}" + (f", concept: {concept}" if concept else ""))
-        print(f"wrote {path}")
+            print(f"  {'value' if absolute else 'scale'} {r['scale']:g} (value {r['value']:.3f}): "
+                  f"{quality_text(r, with_hits)}")
+    best, base, _, kept = results[win]
+    print(chosen_line(best, base, kept, absolute, with_hits, max_ppl_ratio))
+
+
+def report_samples(base, kept, with_hits, prompt_list):
+    """The samples at the kept strength beside their baselines (same seeds), then both qualities."""
     for i, text in enumerate(prompt_list):
         for n in range(num_samples):
             print(f"--- prompt {text!r}, sample {n + 1}")
             print(f"baseline: {text + base['texts'][i][n]!r}")
-            print(f" steered: {text + chosen['texts'][i][n]!r}")
-    print(f"over {len(prompt_list) * num_samples} samples: baseline {fmt(base)}; steered {fmt(chosen)}")
-    print(json.dumps({'layer': layer, 'neuron': neuron, 'value': chosen['value'],
-                      'baseline_hit_rate': base['hit_rate'], 'steered_hit_rate': chosen['hit_rate'],
-                      'baseline_ppl': base['ppl'], 'steered_ppl': chosen['ppl'],
-                      'scale': None if absolute else chosen['scale'], 'signals': best['signals'],
+            print(f" steered: {text + kept['texts'][i][n]!r}")
+    print(f"over {len(prompt_list) * num_samples} samples: baseline {quality_text(base, with_hits)}; "
+          f"steered {quality_text(kept, with_hits)}")
+
+
+def main():
+    configure(globals())
+    sweep_scales, prompt_ids = checked_flags()
+    model, ckpt = load_model(out_dir, resolve_device(device))
+    search = bool(concept) and neuron == -1  # else the given neuron is steered (and scored on the concept)
+    l = steered_layer(model, search)
+    absolute = not math.isnan(value)
+    words = concept.replace(',', ' ').split()
+    tokens = run_eval_tokens(eval_data, ckpt, eval_tokens, model.config.block_size) if search or not absolute else None
+    stats, finalists = searched_finalists(model, tokens, words, l) if search else given_finalist(model, tokens, l)
+    if absolute:  # the strength is the value itself, not a multiple of a max
+        finalists = [dict(f, peak=None) for f in finalists]
+    strengths = [value] if absolute else [scale] if not math.isnan(scale) else sweep_scales
+    settings = dict(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
+                    top_k=top_k, seed=seed)
+    pattern = hit_pattern(words) if words else None
+    results, win = steer_finalists(model, finalists, strengths, prompt_ids, pattern, settings, max_ppl_ratio)
+    best, base, sweep, kept = results[win]
+    report_sweeps(results, win, absolute, pattern is not None)
+    if stats is not None:
+        print("\n".join(contexts_text(tokens, stats[best['layer']], best['neuron'])))
+    if not is_topk(model, best['layer']):
+        print(f"note: layer {best['layer']} is a dense GELU block, not TopK: its neurons are not sparse features")
+    if plot and len(sweep) > 1:
+        run_dir = out_dir if os.path.isdir(out_dir) else os.path.dirname(os.path.abspath(out_dir))
+        path = os.path.join(run_dir, 'analysis', f"steering_{best['layer']}_{best['neuron']}.png")
+        plot_sweep(path, sweep, base, f"neuron {best['layer']}:{best['neuron']}" + (f", concept: {concept}" if concept else ""))
+        print(f"wrote {path}")
+    report_samples(base, kept, pattern is not None, prompts.split('|'))
+    print(json.dumps({'layer': best['layer'], 'neuron': best['neuron'], 'value': kept['value'],
+                      'baseline_hit_rate': base['hit_rate'], 'steered_hit_rate': kept['hit_rate'],
+                      'baseline_ppl': base['ppl'], 'steered_ppl': kept['ppl'],
+                      'scale': None if absolute else kept['scale'], 'signals': best['signals'],
                       'sweep': [{k: r[k] for k in ('scale', 'value', 'hit_rate', 'ppl')} for r in sweep],
                       'finalists': [f"{f['layer']}:{f['neuron']}" for f, *_ in results]}))
 

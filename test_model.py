@@ -1,32 +1,20 @@
 """
-The model and its training loop, as behaviour: the TopK activation is exactly SPEC section 1,
-topk = 0 is exactly GPT-2, and train.py / sample.py work end to end on a tiny run.
+model.py as behaviour: the TopK activation is exactly y = f(x) * (alpha + (1 - alpha) * m) with m
+the top-k mask, topk = 0 is exactly GPT-2, a tiny model learns, and generate samples as it says.
+(train.py and sample.py end to end: test_train.py.)
 """
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from torch.nn import functional as F
 
 import toy_corpus
-from common import EOT, encode, write_shard
+from common import EOT, encode
+from conftest import TINY
 from model import GPT, GPTConfig, TopK
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TINY = dict(block_size=32, vocab_size=128, n_layer=3, n_head=2, n_embd=32, topk=8, n_nontopk=1)
-
-
-def run(script, *args, cwd=HERE):
-    return subprocess.run([sys.executable, os.path.join(HERE, script), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
-
-
-def tiny_model(**overrides):
-    torch.manual_seed(0)
-    return GPT(GPTConfig(**{**TINY, **overrides}))
+SMALL_VOCAB = dict(vocab_size=128)  # conftest's tiny model with a small vocabulary
 
 
 # -----------------------------------------------------------------------------
@@ -78,21 +66,21 @@ def test_alpha_0_gives_gradient_only_to_the_selected_neurons():
 # the architecture
 
 
-def test_the_last_n_nontopk_blocks_are_dense():
-    model = tiny_model(n_layer=4, n_nontopk=2)
+def test_the_last_n_nontopk_blocks_are_dense(tiny_model):
+    model = tiny_model(**SMALL_VOCAB, n_layer=4, n_nontopk=2)
     kinds = [type(block.mlp.act) for block in model.transformer.h]
     assert kinds == [TopK, TopK, torch.nn.GELU, torch.nn.GELU]
     assert all(block.mlp.act.k == 8 for block in model.transformer.h[:2])
 
 
-def test_set_alpha_reaches_every_topk_block():
-    model = tiny_model()
+def test_set_alpha_reaches_every_topk_block(tiny_model):
+    model = tiny_model(**SMALL_VOCAB)
     model.set_alpha(0.25)
     assert [float(b.mlp.act.alpha) for b in model.transformer.h[:2]] == [0.25, 0.25]
 
 
-def test_parameter_names_follow_gpt2_and_embeddings_are_tied():
-    model = tiny_model()
+def test_parameter_names_follow_gpt2_and_embeddings_are_tied(tiny_model):
+    model = tiny_model(**SMALL_VOCAB)
     names = set(model.state_dict())
     for name in ("transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.ln_1.weight",
                  "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight",
@@ -133,16 +121,16 @@ def gpt2_reference_forward(sd, idx, n_layer, n_head):
     return ln(x, "transformer.ln_f") @ sd["lm_head.weight"].T
 
 
-def test_topk_0_is_exactly_gpt2():
-    model = tiny_model(topk=0).eval()
+def test_topk_0_is_exactly_gpt2(tiny_model):
+    model = tiny_model(**SMALL_VOCAB, topk=0)
     idx = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     logits, _ = model(idx, targets=idx)
     expected = gpt2_reference_forward(model.state_dict(), idx, n_layer=3, n_head=2)
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_loss_falls_within_a_few_steps_on_toy_data():
-    model = tiny_model(vocab_size=50304, block_size=64)
+def test_loss_falls_within_a_few_steps_on_toy_data(tiny_model):
+    model = tiny_model(block_size=64)
     tokens = torch.tensor([t for doc in toy_corpus.generate(n_docs=8, seed=0) for t in [EOT] + encode(doc)])
     xy = tokens[:4 * 65].view(4, 65)  # one fixed batch of 4 toy sequences
     x, y = xy[:, :-1], xy[:, 1:]
@@ -157,14 +145,14 @@ def test_loss_falls_within_a_few_steps_on_toy_data():
     assert losses[-1] < 0.5 * losses[0]
 
 
-def test_generate_returns_prompt_plus_new_tokens():
-    model = tiny_model().eval()
+def test_generate_returns_prompt_plus_new_tokens(tiny_model):
+    model = tiny_model(**SMALL_VOCAB)
     out = model.generate(torch.zeros(2, 3, dtype=torch.long), max_new_tokens=5, temperature=1.0, top_k=10)
     assert out.shape == (2, 8) and torch.equal(out[:, :3], torch.zeros(2, 3, dtype=torch.long))
 
 
-def test_top_k_sampling_draws_only_among_the_k_likeliest_tokens():
-    model = tiny_model().eval()
+def test_top_k_sampling_draws_only_among_the_k_likeliest_tokens(tiny_model):
+    model = tiny_model(**SMALL_VOCAB)
     torch.manual_seed(0)
     out = model.generate(torch.zeros(4, 3, dtype=torch.long), max_new_tokens=6, temperature=1.5, top_k=3)
     logits, _ = model(out[:, :-1], out[:, 1:])  # the logits each new token was drawn from (no cache)
@@ -182,83 +170,15 @@ def test_top_k_sampling_draws_only_among_the_k_likeliest_tokens():
 ])
 def test_impossible_configurations_fail_at_construction(bad, message):
     with pytest.raises(ValueError) as e:
-        GPTConfig(**{**TINY, "n_embd": 32, **bad})
+        GPTConfig(**{**TINY, **SMALL_VOCAB, **bad})
     assert message in str(e.value)
 
 
-# -----------------------------------------------------------------------------
-# train.py and sample.py end to end on a tiny run
-
-TRAIN_FLAGS = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
-               "--gradient_accumulation_steps=1", "--topk=8", "--n_nontopk=1", "--max_iters=12",
-               "--eval_interval=6", "--eval_iters=2", "--log_interval=3", "--ckpt_interval=6",
-               "--warmup_iters=2", "--lr_decay_iters=12", "--learning_rate=3e-3", "--compile=False"]
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("run")
-    tokens = []
-    for i in range(60):
-        tokens += [EOT] + encode(f"Document {i}: the office meeting ran late, so the manager paid overtime.")
-    write_shard(str(root / "data" / "tiny_val_000000.bin"), tokens[:400])
-    write_shard(str(root / "data" / "tiny_train_000001.bin"), tokens)
-    result = run("train.py", f"--data_dir={root / 'data'}", f"--out_dir={root / 'out'}", *TRAIN_FLAGS)
-    assert result.returncode == 0, result.stderr
-    return root, result.stdout
-
-
-def test_train_logs_loss_lr_alpha_and_throughput(tiny_run):
-    _, stdout = tiny_run
-    lines = [l for l in stdout.splitlines() if l.startswith("iter ")]
-    assert len(lines) == 4
-    assert all(("loss" in l and "lr" in l and "alpha" in l and "tok/s" in l) for l in lines)
-    assert "alpha 0.000" in lines[-1]  # annealed to sparse after 20% of 12 iterations
-
-
-def test_train_evaluates_val_loss_and_perplexity(tiny_run):
-    _, stdout = tiny_run
-    evals = [l for l in stdout.splitlines() if l.startswith("step ")]
-    assert [l.split(":")[0] for l in evals] == ["step 6", "step 12"]
-    val, ppl = (float(evals[-1].split(s)[1].split(",")[0]) for s in ("val loss ", "val ppl "))
-    assert ppl == pytest.approx(math.exp(val), rel=1e-3)
-
-
-def test_train_writes_resumable_and_series_checkpoints(tiny_run):
-    root, _ = tiny_run
-    files = sorted(os.listdir(root / "out"))
-    assert files == ["ckpt.pt", "ckpt_000000.pt", "ckpt_000006.pt", "ckpt_000012.pt"]
-    ckpt = torch.load(root / "out" / "ckpt.pt", weights_only=True)
-    assert {"model", "optimizer", "model_args", "iter_num", "best_val_loss", "config"} <= ckpt.keys()
-    assert ckpt["iter_num"] == 12 and ckpt["model_args"]["topk"] == 8
-    series = torch.load(root / "out" / "ckpt_000006.pt", weights_only=True)
-    assert series["iter_num"] == 6 and "optimizer" not in series
-
-
-def test_sample_prints_continuations_of_the_prompt(tiny_run):
-    root, _ = tiny_run
-    result = run("sample.py", f"--out_dir={root / 'out'}", "--start=The office", "--num_samples=2",
-                 "--max_new_tokens=8")
-    assert result.returncode == 0, result.stderr
-    samples = [s.strip() for s in result.stdout.split("---------------") if s.strip()]
-    assert len(samples) == 2 and all(s.startswith("The office") and len(s) > len("The office") for s in samples)
-
-
-@pytest.mark.parametrize("flag, message", [
-    ("--batch_size=many", "--batch_size expects int, got 'many'"),
-    ("--n_layers=4", "unknown flag --n_layers"),
-    ("--topk=5000", "topk must be in [0, d_ff = 4 * n_embd = 128]"),
-])
-def test_train_configuration_errors_are_one_line(tiny_run, tmp_path, flag, message):
-    root, _ = tiny_run
-    result = run("train.py", f"--data_dir={root / 'data'}", f"--out_dir={tmp_path / 'out'}", *TRAIN_FLAGS, flag)
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
-
-
-def test_help_lists_every_key_with_its_default():
-    result = run("train.py", "--help")
-    assert result.returncode == 0
-    for key in ("--topk=64", "--n_nontopk=2", "--annealing_ratio=0.2", "--init_from='scratch'"):
-        assert key in result.stdout
+@pytest.mark.parametrize("topk", [0, 7])
+def test_kv_cache_equals_no_cache(tiny_model, topk):
+    model = tiny_model(**SMALL_VOCAB, block_size=16, topk=topk)
+    prompt = torch.randint(128, (2, 6), generator=torch.Generator().manual_seed(2))
+    # 6 + 24 tokens runs past block_size 16, where the cache is dropped and rebuilt
+    cached = model.generate(prompt, 24, temperature=0, use_cache=True)
+    uncached = model.generate(prompt, 24, temperature=0, use_cache=False)
+    assert cached.shape == (2, 30) and torch.equal(cached, uncached)

@@ -1,133 +1,26 @@
-"""Tests of sae.py: the post-hoc dictionaries (TopK SAE, transcoder) and their measurements."""
+"""sae.py: the measurements of the post-hoc route (splice cost, FVU, matching, distance from the
+start), and the comparison end to end on the tiny runs, with its dictionaries then read and
+steered by analysis.py and steer.py."""
+import json
+import math
+
 import pytest
 import torch
 from torch.nn import functional as F
 
+import dictionary
 import sae
-from model import GPT, GPTConfig
+from conftest import planted
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def planted(n_rows, directions, k, g):
-    """Rows that are sparse positive codes (k of the directions, weights in [1, 2]) times known unit
-    directions, plus an offset: the data a TopK SAE is built to decompose."""
-    codes = torch.zeros(n_rows, directions.size(1))
-    active = torch.rand(n_rows, directions.size(1), generator=g).topk(k, dim=1).indices
-    codes.scatter_(1, active, 1 + torch.rand(n_rows, k, generator=g))
-    return codes @ directions.T + 0.3
-
-
-def test_an_sae_recovers_a_planted_dictionary():
-    g = torch.Generator().manual_seed(0)
-    directions = F.normalize(torch.randn(32, 64, generator=g), dim=0)
-    torch.manual_seed(0)
-    coder = sae.SparseCoder(32, 64, k=4)
-    trainer = sae.Trainer(coder, lr=1e-2, dead_tokens=256 * 20)
-    for _ in range(500):
-        x = planted(256, directions, 4, g)
-        trainer.step(x, x)
-    best_cosine = (F.normalize(coder.decoder.weight.detach(), dim=0).T @ directions).max(0).values
-    assert (best_cosine > 0.9).float().mean() >= 0.9  # most planted directions found
-    x = planted(4096, directions, 4, g)
-    assert sae.normalised_mse(coder(x)[0], x) < 0.15
-
-
-def test_decoder_columns_stay_unit_norm_and_b_pre_starts_at_the_mean():
-    torch.manual_seed(0)
-    coder = sae.SparseCoder(16, 40, k=3)
-    x = torch.randn(128, 16) * 3 + 1
-    trainer = sae.Trainer(coder, lr=1e-2)
-    trainer.step(x, x)
-    norms = coder.decoder.weight.norm(dim=0)
-    torch.testing.assert_close(norms, torch.ones(40), rtol=0, atol=1e-6)
-    for _ in range(5):
-        trainer.step(x, x)
-    torch.testing.assert_close(coder.decoder.weight.norm(dim=0), torch.ones(40), rtol=0, atol=1e-6)
-    fresh = sae.SparseCoder(16, 40, k=3)
-    torch.testing.assert_close(fresh.decoder.weight, F.normalize(fresh.encoder.weight.T, dim=0))  # tied init
-    sae.Trainer(fresh, lr=0.0).step(x, x)
-    torch.testing.assert_close(fresh.b_pre.data, x.mean(0))
-
-
-def test_the_k_latents_are_the_top_k_pre_activations_after_a_relu():
-    coder = sae.SparseCoder(8, 20, k=5)
-    x = torch.randn(6, 8)
-    _, z, pre = coder(x)
-    assert ((z != 0).sum(-1) <= 5).all()
-    kept = torch.zeros_like(pre).scatter_(-1, pre.topk(5, dim=-1).indices, 1.0).bool()
-    torch.testing.assert_close(z, torch.where(kept, pre.relu(), torch.zeros_like(pre)))
-
-
-def test_aux_k_is_zero_without_dead_latents_and_uses_the_top_d_in_over_2_dead_ones():
-    torch.manual_seed(0)
-    coder = sae.SparseCoder(16, 40, k=3)
-    with torch.no_grad():
-        coder.encoder.bias[:10] += 5  # the dead latents' pre-activations are positive: none cut by the ReLU
-    x = torch.randn(1, 16)
-    x_hat, _, pre = coder(x)
-    residual = (x - x_hat).detach()
-    assert sae.aux_k_loss(coder, pre, residual, torch.zeros(40, dtype=torch.bool)).item() == 0
-    dead = torch.zeros(40, dtype=torch.bool)
-    dead[:10] = True
-    aux = sae.aux_k_loss(coder, pre, residual, dead)
-    assert aux.item() > 0
-    aux.backward()  # the gradient reaches k_aux = d_in / 2 = 8 of the 10 dead latents, the largest
-    reached = coder.encoder.weight.grad.abs().sum(1) > 0
-    assert reached.sum() == 8 and not reached[10:].any()
-    assert set(reached.nonzero().flatten().tolist()) == set(pre[0, :10].topk(8).indices.tolist())
-
-
-def test_the_gradient_along_each_decoder_column_is_removed():
-    torch.manual_seed(0)
-    coder = sae.SparseCoder(16, 40, k=3)
-    x = torch.randn(32, 16)
-    sae.normalised_mse(coder(x)[0], x).backward()
-    assert (coder.decoder.weight.grad * coder.decoder.weight).sum(0).abs().max() > 1e-4  # before: not orthogonal
-    coder.remove_parallel_grad()
-    torch.testing.assert_close((coder.decoder.weight.grad * coder.decoder.weight).sum(0), torch.zeros(40),
-                               rtol=0, atol=1e-7)
-
-
-def test_a_transcoder_learns_a_planted_sparse_map_from_input_to_output():
-    g = torch.Generator().manual_seed(0)
-    reads, writes = (F.normalize(torch.randn(24, 48, generator=g), dim=0) for _ in range(2))
-    torch.manual_seed(0)
-    coder = sae.SparseCoder(24, 48, k=3, transcoder=True)
-    trainer = sae.Trainer(coder, lr=1e-2, dead_tokens=256 * 20)
-    for _ in range(400):
-        codes = planted(256, torch.eye(48), 3, g) - 0.3
-        trainer.step(codes @ reads.T, codes @ writes.T)  # input and output share the sparse code
-    codes = planted(2048, torch.eye(48), 3, g) - 0.3
-    assert sae.normalised_mse(coder(codes @ reads.T)[0], codes @ writes.T) < 0.3
-
-
-def test_a_latent_that_has_not_fired_for_dead_tokens_tokens_counts_as_dead():
-    coder = sae.SparseCoder(4, 6, k=1)
-    trainer = sae.Trainer(coder, lr=0.0, dead_tokens=20)
-    x = torch.randn(10, 4)
-    for _ in range(3):
-        _, _, dead = trainer.step(x, x)
-    fired = (coder(x)[1] > 0).any(0)
-    assert trainer.since_fired[fired].eq(0).all() and trainer.since_fired[~fired].eq(30).all()
-    assert dead == pytest.approx((~fired).float().mean().item())  # dead before the third step: 20 tokens
-
-
-def tiny_dense_model():
-    torch.manual_seed(0)
-    return GPT(GPTConfig(block_size=16, vocab_size=512, n_layer=2, n_head=2, n_embd=16, topk=0, n_nontopk=0)).eval()
+def tiny_dense(tiny_model):
+    return tiny_model(block_size=16, vocab_size=512, n_layer=2, n_embd=16, topk=0, n_nontopk=0)
 
 
 def identity_coder(d_in, transcoder=False):
     """A dictionary that reconstructs any x exactly: latents relu(x) and relu(-x), decoded as
     relu(x) - relu(-x) = x (each sum has one non-zero term, so no rounding)."""
-    coder = sae.SparseCoder(d_in, 2 * d_in, k=2 * d_in, transcoder=transcoder)
+    coder = dictionary.SparseCoder(d_in, 2 * d_in, k=2 * d_in, transcoder=transcoder)
     eye = torch.eye(d_in)
     with torch.no_grad():
         coder.encoder.weight.copy_(torch.cat([eye, -eye]))
@@ -137,10 +30,10 @@ def identity_coder(d_in, transcoder=False):
     return coder
 
 
-def test_splicing_a_perfect_reconstruction_gives_the_clean_loss_exactly():
-    model, tokens = tiny_dense_model(), torch.randint(0, 512, (4, 16))
+def test_splicing_a_perfect_reconstruction_gives_the_clean_loss_exactly(tiny_model):
+    model, tokens = tiny_dense(tiny_model), torch.randint(0, 512, (4, 16))
     clean = sae.mean_ce(model, tokens)
-    with sae.attached(model, {0: identity_coder(16), 1: identity_coder(16)}, splice=True):
+    with dictionary.attached(model, {0: identity_coder(16), 1: identity_coder(16)}, splice=True):
         assert sae.mean_ce(model, tokens) == clean
     with sae.zeroed(model, [0, 1]):
         zero = sae.mean_ce(model, tokens)
@@ -148,29 +41,6 @@ def test_splicing_a_perfect_reconstruction_gives_the_clean_loss_exactly():
     costs = sae.splice_costs(model, {1: identity_coder(16)}, tokens, clean)
     assert costs[1]['loss_recovered'] == 1.0 and costs['all']['ce'] == clean
     assert sae.reconstruction(model, {0: identity_coder(16)}, tokens)[0] == pytest.approx(0, abs=1e-10)
-
-
-def test_an_attached_dictionary_observes_without_changing_the_model_and_steers_by_its_decoder():
-    model, tokens = tiny_dense_model(), torch.randint(0, 512, (2, 16))
-    clean, _ = model(tokens)
-    torch.manual_seed(1)
-    coder = sae.SparseCoder(16, 64, k=4)
-    with sae.attached(model, {1: coder}):
-        observed, _ = model(tokens)
-        assert torch.equal(observed, clean)
-        import analysis
-        assert analysis.mlp_acts(model)[1] is coder.act and analysis.decoder_directions(model, 1) is coder.decoder.weight
-        outs = []
-        hook = model.transformer.h[1].mlp.register_forward_hook(lambda m, i, o: outs.append(o))
-        model(tokens)
-        with analysis.steering(model, 1, 7, 2.0):
-            model(tokens)
-        hook.remove()
-        with analysis.capture(model, [1]) as captured:
-            model(tokens)
-    z7 = captured[1][..., 7]
-    torch.testing.assert_close(outs[1] - outs[0], (2.0 - z7)[..., None] * coder.decoder.weight[:, 7], rtol=0, atol=1e-5)
-    assert not isinstance(model.transformer.h[1].mlp, sae.DictionarySite)  # detached on leaving the block
 
 
 def test_matching_a_dictionary_with_itself_shuffled_shares_everything():
@@ -184,28 +54,53 @@ def test_matching_a_dictionary_with_itself_shuffled_shares_everything():
     assert shared < 0.2  # unrelated random directions rarely align
 
 
-def test_a_dictionary_file_loads_with_weights_only_and_bad_files_fail_in_one_line(tmp_path):
-    coder = sae.SparseCoder(8, 16, k=2, transcoder=True)
-    meta = dict(kind='transcoder', layer=0, d_in=8, n_latents=16, k=2)
-    sae.save_dictionary(str(tmp_path / 'd.pt'), coder, meta)
-    assert torch.load(tmp_path / 'd.pt', weights_only=True)['meta'] == meta
-    loaded, _ = sae.load_dictionary(str(tmp_path / 'd.pt'))
-    assert loaded.transcoder and all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(),
-                                                                        coder.state_dict().values()))
-    torch.save({'weights': torch.ones(2)}, tmp_path / 'bad.pt')
-    with pytest.raises(SystemExit, match=r"^error: .*bad.pt is not a dictionary written by sae.py"):
-        sae.load_dictionary(str(tmp_path / 'bad.pt'))
-
-
 def test_initial_coders_rebuild_where_training_started_and_training_moves_away_from_it():
-    a = sae.initial_coders(32, 64, 4, 'sae', 0, [0, 1, 2])
-    b = sae.initial_coders(32, 64, 4, 'sae', 0, [1])  # layer 1 alone starts as it does beside 0 and 2
+    a = dictionary.initial_coders(32, 64, 4, 'sae', 0, [0, 1, 2])
+    b = dictionary.initial_coders(32, 64, 4, 'sae', 0, [1])  # layer 1 alone starts as it does beside 0 and 2
     torch.testing.assert_close(a[1].decoder.weight, b[1].decoder.weight, rtol=0, atol=0)
     assert sae.near_initialisation(a[1], b[1]) == 1.0
     g = torch.Generator().manual_seed(0)
     directions = F.normalize(torch.randn(32, 64, generator=g), dim=0)
-    trainer = sae.Trainer(a[1], lr=1e-2, dead_tokens=256 * 20)
+    trainer = dictionary.Trainer(a[1], lr=1e-2, dead_tokens=256 * 20)
     for _ in range(300):
         x = planted(256, directions, 4, g)
         trainer.step(x, x)
     assert sae.near_initialisation(a[1], b[1]) < 0.3  # it found the planted directions instead
+
+
+def test_sae_then_its_latents_on_a_page_and_steered_end_to_end(copied_runs, run_main):
+    dense, topk = copied_runs / 'dense', copied_runs / 'topk'
+    small = ['--batch_size=256', '--eval_tokens=512', '--top_m=4', '--n_clusters=4']
+    run_main('sae.py', f'--out_dir={dense}', f'--compare={topk}', '--n_tokens=2048', *small)
+    result = json.loads((dense / 'sae' / 'comparison.json').read_text())
+    assert set(result['routes']) == {'TopK LM neurons', 'dense twin neurons', 'dense + sae', 'dense + transcoder'}
+    for kind in ('sae', 'transcoder'):
+        route = result['routes'][f'dense + {kind}']
+        assert set(route['layers']) == {'0', '1'} and route['training']['tokens'] == 2048  # 8 steps of 8 x 32 tokens
+        for v in route['layers'].values():  # the share of the zero-ablation's loss that splicing recovers
+            assert v['loss_recovered'] == pytest.approx((v['ce_zero'] - v['ce']) / (v['ce_zero'] - result['dense']['ce']))
+            assert v['l0'] > 0 and math.exp(v['ce']) == pytest.approx(v['ppl'])
+    assert set(result['stability']['seeds']) == set(result['stability']['near_initialisation']) == {'0', '1'}
+    assert result['stability']['checkpoints']['dense_iters'] == [4, 8]  # the snapshot nearest 60% of 8 steps
+    assert (dense / 'sae' / 'comparison.png').stat().st_size > 0
+    assert sorted(p.name for p in (dense / 'sae').glob('*.pt')) == sorted(
+        f'{name}_layer{l}{suffix}.pt' for l in (0, 1) for name, suffix in
+        [('sae', ''), ('sae', '_seed1'), ('sae', '_iter4'), ('transcoder', '')])
+    # a second run reuses what is trained alike, and trains again what is not
+    printed = run_main('sae.py', f'--out_dir={dense}', f'--compare={topk}', '--n_tokens=2048', *small, '--stability=False')
+    assert 'training it again' not in printed and json.loads((dense / 'sae' / 'comparison.json').read_text())[
+        'routes']['dense + sae']['training'] == result['routes']['dense + sae']['training']
+    printed = run_main('sae.py', f'--out_dir={dense}', f'--compare={topk}', '--n_tokens=1024', *small,
+                       '--stability=False', '--kind=transcoder', '--layer=1')
+    assert printed.count('training it again') == 1 and 'transcoder_layer1.pt was trained with other settings' in printed
+    assert set(json.loads((dense / 'sae' / 'comparison.json').read_text())['routes']['dense + transcoder']['layers']) == {'1'}
+
+    # the same analysis and steering code reads a dictionary's latents
+    run_main('analysis.py', f'--out_dir={dense}', f"--dictionary={dense / 'sae' / 'sae_layer1.pt'}", '--eval_tokens=2048')
+    page = (dense / 'analysis' / 'sae_layer1.html').read_text()
+    assert 'SAE (k = 8)' in page and 'neuron 1:' in page
+    printed = run_main('steer.py', f'--out_dir={dense}', '--concept=job office salary',
+                       f"--dictionary={dense / 'sae' / 'transcoder_layer0.pt'}", '--num_samples=2',
+                       '--max_new_tokens=8', '--prompts=The', '--scales=1,2', '--eval_tokens=1024')
+    result = json.loads(printed.strip().splitlines()[-1])
+    assert result['layer'] == 0 and all(f.startswith('0:') for f in result['finalists'])  # the dictionary's layer only

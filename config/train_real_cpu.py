@@ -1,6 +1,5 @@
-# A TopK LM on real English at CPU scale: python prepare.py --input=../shared/data/real-english-3m.parquet
-# --out_dir=data/real-english --val_tokens=150000 (or, online, python prepare.py --max_tokens=3000000
-# --out_dir=data/real-english), then
+# A TopK LM on real English at CPU scale: python prepare.py --max_tokens=3000000 --val_tokens=150000
+# --out_dir=data/real-english (about 3M tokens of FineWeb-Edu; or --input=FILE.parquet for local text), then
 #   python train.py config/train_real_cpu.py                                                # ~19 min on 2 cores
 #   python train.py config/train_real_cpu.py --topk=0 --out_dir=out-real-cpu-dense          # its dense twin
 # The shape was chosen by measurement (README, Real text): in about 6 minutes on 2 cores, 4 x 128 (200

@@ -1,0 +1,148 @@
+"""steer.py: the concept search, the scoring of steered samples, the choice of strength and of
+finalist, and the script end to end on the tiny runs."""
+import inspect
+import json
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import neurons
+import steer
+from common import EOT, encode
+from conftest import WORDS, tokens_of, topic_text
+
+
+def test_concept_candidates_rank_the_neuron_that_promotes_the_concept_first(tiny_model):
+    model = tiny_model()
+    tokens = torch.tensor(tokens_of(topic_text(40, seed=3))[:8 * 32]).view(8, 32)
+    ids = [encode(' ' + w)[0] for w in WORDS['work']]
+    # plant a neuron of layer 1 whose decoder column is ' salary''s (tied) embedding, made long
+    # enough that writing it into the residual stream makes ' salary' the likeliest next token
+    j, u = 17, F.normalize(torch.randn(32), dim=0)
+    with torch.no_grad():
+        model.transformer.wte.weight[ids[2]] = 3 * u
+        model.transformer.h[1].mlp.c_proj.weight[:, j] = 10 * u
+    stats = neurons.collect(model, tokens, [0, 1], top_m=4, marks=neurons.concept_marks(tokens, ids))
+    found = steer.concept_candidates(model, stats, ids, tokens, lambda peak: 5.0, 4)
+    best = found[0]
+    assert (best['layer'], best['neuron']) == (1, j) and best['probability'] > 0.5
+    assert 'writes' in best['signals']  # found by its decoder direction, whatever it reads
+    assert best['scores']['reads'] == pytest.approx(neurons.reads(stats[1])[j].item())
+    assert [c['probability'] for c in found] == sorted((c['probability'] for c in found), reverse=True)
+    # with one candidate per signal, only each layer's best neuron by each signal is tried
+    found = steer.concept_candidates(model, stats, ids, tokens, lambda peak: 5.0, 1)
+    for c in found:
+        tops = {int(neurons.reads(stats[c['layer']]).argmax()), int(neurons.predicts(stats[c['layer']]).argmax()),
+                int(neurons.writes(model, c['layer'], ids).argmax())}
+        assert c['neuron'] in tops
+
+
+def test_fluency_is_exp_of_the_mean_next_token_loss_of_the_continuation(tiny_model):
+    model = tiny_model()
+    g = torch.Generator().manual_seed(0)
+    prompt, continuations = [EOT], torch.randint(0, 1000, (3, 12), generator=g)
+    ppl = steer.continuation_perplexity(model, prompt, continuations)
+    for row, p in zip(continuations, ppl):
+        seq = torch.tensor([prompt + row.tolist()])
+        _, loss = model(seq[:, :-1], seq[:, 1:])  # with a one-token prompt, every target is the continuation's
+        assert p.item() == pytest.approx(math.exp(loss.item()), rel=1e-5)
+    # a longer prompt conditions the continuation but is not scored itself
+    prompt = [EOT] + encode(' Anna saw the job')
+    seq = torch.tensor([prompt + continuations[0].tolist()])
+    logits, _ = model(seq[:, :-1], seq[:, 1:])
+    loss = F.cross_entropy(logits[0, len(prompt) - 1:], seq[0, len(prompt):])
+    assert steer.continuation_perplexity(model, prompt, continuations[:1])[0].item() == pytest.approx(
+        math.exp(loss.item()), rel=1e-5)
+
+
+def test_steered_samples_are_scored_by_the_unsteered_model(tiny_model):
+    model, prompt_ids, j = tiny_model(), [[EOT] + encode(' Anna saw')], 5
+    settings = dict(num_samples=3, max_new_tokens=6, temperature=1.0, top_k=0, seed=0)
+    base, sweep = steer.steer_and_score(model, 0, j, [8.0], None, prompt_ids, None, settings)
+    continuations = sweep[0]['continuations'][0]
+    unsteered = steer.continuation_perplexity(model, prompt_ids[0], continuations).mean().item()
+    assert sweep[0]['ppl'] == pytest.approx(unsteered, rel=1e-6)
+    with neurons.steering(model, 0, j, 8.0):  # what scoring under the steered model would give instead
+        assert steer.continuation_perplexity(model, prompt_ids[0], continuations).mean().item() != pytest.approx(
+            unsteered, rel=1e-3)
+    assert base['hit_rate'] is None and not torch.equal(base['continuations'][0], continuations)
+
+
+def test_the_sweep_keeps_the_best_hit_rate_among_fluent_strengths():
+    row = lambda scale, hit_rate, ppl: dict(scale=scale, hit_rate=hit_rate, ppl=ppl)
+    sweep = [row(0.5, 0.2, 10), row(1, 0.6, 15), row(2, 0.6, 19), row(4, 1.0, 41)]
+    assert steer.pick_scale(sweep, baseline_ppl=10)['scale'] == 1  # 4 is beyond 2x; a tie keeps the gentler
+    assert steer.pick_scale(sweep, baseline_ppl=25)['scale'] == 4  # within 2x now
+    assert steer.pick_scale(sweep, baseline_ppl=10, max_ratio=1.2)['scale'] == 0.5
+    assert steer.pick_scale(sweep[1:], baseline_ppl=5)['scale'] == 1  # none within 2x: the most fluent
+    no_concept = [dict(r, hit_rate=None) for r in sweep]
+    assert steer.pick_scale(no_concept, baseline_ppl=10)['scale'] == 2  # no hit rates: the strongest fluent
+
+
+def test_the_finalists_are_each_layers_best_then_the_next_best():
+    found = [dict(layer=l, neuron=j) for l, j in [(0, 5), (0, 6), (2, 1), (0, 7), (1, 3)]]  # best first
+    pick = lambda n: [(c['layer'], c['neuron']) for c in steer.pick_finalists(found, n)]
+    assert pick(3) == [(0, 5), (2, 1), (1, 3)]
+    assert pick(4) == [(0, 5), (2, 1), (1, 3), (0, 6)]
+    assert pick(2) == [(0, 5), (2, 1)]
+
+
+def test_the_finalist_kept_is_the_fluent_one_with_the_best_hit_rate():
+    base = dict(ppl=10)
+    row = lambda hit_rate, ppl: dict(hit_rate=hit_rate, ppl=ppl)
+    assert steer.pick_finalist([(base, row(0.9, 30)), (base, row(0.5, 12))]) == 1  # 0.9 is not fluent
+    assert steer.pick_finalist([(base, row(0.5, 12)), (base, row(0.7, 19))]) == 1
+    assert steer.pick_finalist([(base, row(0.7, 12)), (base, row(0.7, 11))]) == 0  # a tie: the trial's order
+    assert steer.pick_finalist([(base, row(0.9, 50)), (dict(ppl=20), row(0.2, 45))]) == 1  # none fluent: least ratio
+
+
+def test_steer_concept_has_the_command_lines_defaults():
+    """sae.py calls steer_concept() for what `steer.py --concept` does: same defaults, no flags read."""
+    flags = {'prompts': steer.prompts.split('|'), 'scales': [float(s) for s in steer.scales.split(',')],
+             **{k: getattr(steer, k) for k in ('num_samples', 'max_new_tokens', 'temperature', 'top_k', 'seed',
+                                               'top_m', 'candidates', 'n_finalists', 'max_ppl_ratio', 'batch_size')}}
+    defaults = {k: p.default for k, p in inspect.signature(steer.steer_concept).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    assert {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()} == flags
+
+
+# -----------------------------------------------------------------------------
+# the script
+
+
+def test_steer_searches_a_concept_and_sweeps_the_strength_end_to_end(copied_runs, run):
+    topk = copied_runs / "topk"
+    r = run('steer.py', f'--out_dir={topk}', '--concept=job office salary', '--num_samples=2',
+            '--max_new_tokens=8', '--prompts=The|Anna saw', '--eval_tokens=2048', '--scales=1,3', '--plot=True')
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert {'layer', 'neuron', 'value', 'baseline_hit_rate', 'steered_hit_rate', 'baseline_ppl', 'steered_ppl',
+            'scale', 'signals', 'sweep', 'finalists'} == set(result)
+    assert len(result['finalists']) == 3 and f"{result['layer']}:{result['neuron']}" in result['finalists']
+    assert result['layer'] in (0, 1) and result['value'] > 0  # a TopK layer, at a multiple of a positive max
+    assert (4 * result['baseline_hit_rate']).is_integer()  # hits among 2 prompts x 2 samples
+    assert [s['scale'] for s in result['sweep']] == [1, 3] and result['scale'] in (1, 3)
+    kept = next(s for s in result['sweep'] if s['scale'] == result['scale'])
+    assert (kept['hit_rate'], kept['ppl']) == (result['steered_hit_rate'], result['steered_ppl'])
+    assert set(result['signals']) <= {'reads', 'predicts', 'writes'} and result['signals']
+    assert sum(line.startswith('--- prompt') for line in lines) == 4
+    assert (topk / 'analysis' / f"steering_{result['layer']}_{result['neuron']}.png").stat().st_size > 0
+
+
+def test_steer_sets_a_given_neuron_to_an_absolute_value(tiny_runs, run_main):
+    printed = run_main('steer.py', f'--out_dir={tiny_runs / "topk"}', '--layer=2', '--neuron=5', '--value=2.5',
+                       '--num_samples=1', '--max_new_tokens=3', '--prompts=The')
+    assert 'dense GELU block' in printed
+    result = json.loads(printed.strip().splitlines()[-1])
+    assert (result['layer'], result['neuron'], result['value'], result['baseline_hit_rate']) == (2, 5, 2.5, None)
+
+
+def test_the_chosen_line_names_the_neuron_and_strength_when_none_is_fluent(tiny_runs, run_main):
+    printed = run_main('steer.py', f'--out_dir={tiny_runs / "topk"}', '--layer=0', '--neuron=5', '--value=30',
+                       '--num_samples=1', '--max_new_tokens=3', '--prompts=The', '--max_ppl_ratio=1e-9')
+    chosen = next(line for line in printed.splitlines() if line.startswith('chosen:'))
+    assert chosen == ("chosen: neuron 0:5 at value 30, no strength stayed within 1e-09x the baseline perplexity: "
+                      "the most fluent")
