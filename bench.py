@@ -218,7 +218,7 @@ def generate(model, prompt, new, ctx, use_cache=True, fast=True, transposed_fc=T
 
 def bench_decoding(ctx):
     """Greedy batch-1 generation: without and with KV cache on the training shape; then dense vs
-    sparse down-projection (both cached) on a larger model."""
+    sparse down-projection (both with KV cache) on a larger model."""
     results = {}
     torch.manual_seed(seed)
     cfg = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, topk=topk, n_nontopk=n_nontopk,

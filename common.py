@@ -178,7 +178,7 @@ def keep_freed_memory():
     """On Linux, stop glibc from giving large freed blocks back to the kernel. It does so for every
     block over 32 MB (on a CPU: the (tokens, 50304) logits and their gradients), so each training
     step maps them again and the kernel zeroes every page on first touch; for a small model on 2
-    cores that is half of the step (README, Performance). Freed memory then stays in the process for
+    cores that is half of the step (RESULTS.md, Performance). Freed memory then stays in the process for
     reuse: its footprint stays at its peak, which a training loop reaches every step anyway."""
     try:
         libc = ctypes.CDLL("libc.so.6")

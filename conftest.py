@@ -6,7 +6,7 @@ them before writing):
     tiny_runs    a TopK run and its dense twin, a few SGD steps on topic text, saved as train.py
                  saves them (ckpt_{iter}.pt series and ckpt.pt): for steer, analysis, entropy, sae
     train_runs   train.py itself, uninterrupted, stopped and resumed, and on two gloo processes:
-                 for the training, reliability and bad-input tests
+                 for test_train.py and test_errors.py
 """
 import collections
 import concurrent.futures
@@ -30,11 +30,13 @@ os.environ["TIKTOKEN_CACHE_DIR"] = os.path.abspath(
 # one thread per process: the models here are too small to gain from more, and on a busy 2-core
 # machine threads waiting for each other make them several times slower
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+FINEWEB_SAMPLE = os.path.join(HERE, "..", "shared", "data", "fineweb-edu-sample-150.parquet")  # 150 real documents
 
 from common import EOT, encode, save_checkpoint, write_shard  # noqa: E402 (after the tokenizer's folder is set)
 from model import GPT, GPTConfig  # noqa: E402
 
 TINY = dict(block_size=32, vocab_size=50304, n_layer=3, n_head=2, n_embd=32, topk=8, n_nontopk=1)
+TINY_DENSE = dict(block_size=16, vocab_size=512, n_layer=2, n_embd=16, topk=0, n_nontopk=0)  # for dictionaries
 WORDS = {'work': 'job office salary manager boss desk'.split(), 'food': 'soup bread oven salt butter rice'.split()}
 
 
@@ -87,6 +89,12 @@ def topic_text(n_docs, seed):
 
 def tokens_of(docs):
     return [t for d in docs for t in [EOT] + encode(d)]
+
+
+def concept_data():
+    """8 rows of 32 tokens of work/food text, and the token ids of the work words (the concept)."""
+    tokens = torch.tensor(tokens_of(topic_text(40, seed=3))[:8 * 32]).view(8, 32)
+    return tokens, [encode(' ' + w)[0] for w in WORDS['work']]
 
 
 def train_tiny(model, out_dir, data_dir, train_tokens, max_iters=8, every=4):

@@ -44,7 +44,8 @@ def load_eval_tokens(source, n_tokens, seq_len):
 
 
 def run_eval_tokens(eval_data, ckpt, n_tokens, seq_len):
-    """load_eval_tokens from --eval_data, or by default from the val shards the run trained with."""
+    """load_eval_tokens from eval_data (a data dir or .txt file), or if it is '' from the val shards
+    the run of checkpoint ckpt trained with."""
     return load_eval_tokens(eval_data or ckpt.get("config", {}).get("data_dir", ""), n_tokens, seq_len)
 
 
@@ -53,6 +54,7 @@ def mlp_acts(model):
 
 
 def is_topk(model, layer):
+    """Whether the layer's neurons are sparse: a TopK block, or a dictionary's TopK latents."""
     return hasattr(mlp_acts(model)[layer], "k")
 
 

@@ -146,7 +146,7 @@ def splice_costs(model, coders, tokens, ce_clean):
     return out
 
 
-def steering_result(model, tokens, layers, words):
+def steering_result(model, tokens, layers, words, top_m):
     """steer.py's concept search and strength sweep over `layers` of model, with its defaults."""
     best, base, _, kept = steer_concept(model, tokens, words, layers, top_m=top_m)
     return dict(layer=best['layer'], feature=best['neuron'], signals=best['signals'], scale=kept['scale'],
@@ -214,6 +214,10 @@ def obtain_dictionaries(checkpoints, sites, wanted, k, settings, folder, main_se
     return coders, training
 
 
+# -----------------------------------------------------------------------------
+# the command line: main() and its steps, which read the flags above
+
+
 def checked_flags():
     if not compare:
         die("give --compare=OUT_DIR of the TopK run whose budget and sites the dictionaries share")
@@ -223,8 +227,10 @@ def checked_flags():
                     ('eval_tokens', eval_tokens), ('top_m', top_m), ('n_clusters', n_clusters)):
         if v < 1:
             die(f"--{flag} must be positive, got {v}")
-    if lr < 0 or not 0 < early < 1:
-        die(f"--lr must be >= 0 (0: the rule) and --early in (0, 1); got {lr} and {early}")
+    if lr < 0:
+        die(f"--lr must be >= 0 (0: the rule), got {lr}")
+    if not 0 < early < 1:
+        die(f"--early must be in (0, 1), got {early}")
 
 
 def load_twins(dev):
@@ -236,9 +242,10 @@ def load_twins(dev):
     if dense.config.topk or not cfg.topk:
         die(f"--out_dir must be a dense run (topk = 0) and --compare a TopK run; their topk are "
             f"{dense.config.topk} and {cfg.topk}")
-    shape = ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size')
-    if any(getattr(cfg, k) != getattr(dense.config, k) for k in shape):
-        die(f"--compare={compare} and --out_dir={out_dir} are not twins: they differ in {', '.join(shape)}")
+    differ = [k for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size')
+              if getattr(cfg, k) != getattr(dense.config, k)]
+    if differ:
+        die(f"--compare={compare} and --out_dir={out_dir} are not twins: they differ in {', '.join(differ)}")
     sites = list(range(cfg.n_layer - cfg.n_nontopk))
     if layer != -1:
         if layer not in sites:
@@ -306,11 +313,11 @@ def stability_of(sae_final, sae_other_seed, sae_early, checkpoints, topk_model, 
 def steering_of(dense, topk_model, coders, tokens, sites):
     """The concept steered with each route's features: TopK neurons, dense neurons, each dictionary's latents."""
     words = concept.replace(',', ' ').split()
-    out = {'concept': concept, 'TopK LM neurons': steering_result(topk_model, tokens, sites, words),
-           'dense twin neurons': steering_result(dense, tokens, sites, words)}
+    out = {'concept': concept, 'TopK LM neurons': steering_result(topk_model, tokens, sites, words, top_m),
+           'dense twin neurons': steering_result(dense, tokens, sites, words, top_m)}
     for kd, group in coders.items():
         with attached(dense, group):
-            out[f'dense + {kd}'] = steering_result(dense, tokens, sites, words)
+            out[f'dense + {kd}'] = steering_result(dense, tokens, sites, words, top_m)
     return out
 
 

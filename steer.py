@@ -65,9 +65,13 @@ device = 'auto'
 
 
 def concept_token_ids(words):
-    """The single-token forms of each word: ' job', 'job', ' Job', 'Job' where each is one token."""
-    return sorted({t[0] for w in words for form in (' ' + w, w, ' ' + w.capitalize(), w.capitalize())
-                   if len(t := encode(form)) == 1})
+    """The single-token forms of each word: ' job', 'job', ' Job', 'Job' where each is one token;
+    a one-line error if no word has one."""
+    ids = sorted({t[0] for w in words for form in (' ' + w, w, ' ' + w.capitalize(), w.capitalize())
+                  if len(t := encode(form)) == 1})
+    if not ids:
+        die(f"--concept: none of {words} is a single GPT-2 token")
+    return ids
 
 
 def hit_pattern(words):
@@ -89,13 +93,11 @@ def concept_probability(model, rows, concept_ids, positions=4096):
 
 @torch.no_grad()
 def concept_candidates(model, stats, concept_ids, trial, strength, candidates):
-    """Neurons to steer toward a concept, best first. Candidates: in each layer of `stats` (collect()
-    with concept_marks()), the `candidates` best neurons by each signal (reads, predicts, writes).
-    Each one is steered to strength(its max activation) on the `trial` sequences and ranked by the
-    next-token probability it gives the concept's tokens (mean over all positions): a neuron can
-    read or predict a concept without promoting it, and the signals do not compare neurons of
-    different layers. Returns a list of dicts (probability, layer, neuron, the signals that proposed
-    it, its score by each signal); empty when no candidate ever fires."""
+    """Neurons to steer toward a concept, best first: in each layer of `stats` (collect() with
+    concept_marks()) the `candidates` best by each signal, each steered to strength(its max) on the
+    `trial` rows and ranked by the concept's next-token probability (a neuron can read or predict a
+    concept without promoting it, and the signals do not compare layers). Dicts of probability,
+    layer, neuron, peak, the signals that proposed it and its score by each; none if none fires."""
     concept_ids = torch.as_tensor(concept_ids, device=trial.device)
     tried = []
     for l, s in stats.items():
@@ -116,9 +118,8 @@ def concept_candidates(model, stats, concept_ids, trial, strength, candidates):
 
 
 def concept_search(model, tokens, ids, layers, strength, top_m=32, candidates=6, n_finalists=3, batch_size=16):
-    """(stats, finalists) for the concept tokens ids: collect() with concept_marks() over the
-    evaluation tokens, concept_candidates() with the first 8 sequences as trial data, and
-    pick_finalists() of what it found."""
+    """(stats, finalists) for the concept tokens ids: collect() with concept_marks(), then
+    concept_candidates() on the first 8 sequences as trial data, then pick_finalists()."""
     stats = collect(model, tokens, layers, top_m, batch_size, concept_marks(tokens, ids))
     if any(s['mark_count']['concept'] == 0 for s in stats.values()):
         die(f"--concept: no concept token ({', '.join(repr(decode([t])) for t in ids)}) in the evaluation data")
@@ -175,9 +176,8 @@ def sample_continuations(model, prompt_ids, layer, neuron, value, num_samples, m
 
 
 def quality(model, prompt_ids, continuations, pattern):
-    """Hit rate (None without a pattern), mean perplexity under `model` as it is called (the
-    unsteered model: no steering hook is on when steer_and_score calls this) and texts of
-    continuations (one tensor per prompt)."""
+    """Hit rate (None without a pattern), mean perplexity under `model` as called (unsteered: no hook
+    is on when steer_and_score calls this) and texts of continuations (one tensor per prompt)."""
     texts = [[decode(row.tolist()) for row in c] for c in continuations]
     hits = [bool(pattern.search(t)) for ts in texts for t in ts] if pattern else []
     ppl = torch.cat([continuation_perplexity(model, p, c) for p, c in zip(prompt_ids, continuations)])
@@ -186,9 +186,8 @@ def quality(model, prompt_ids, continuations, pattern):
 
 
 def pick_scale(sweep, baseline_ppl, max_ratio=2.0):
-    """The sweep row to keep: among rows whose perplexity is at most max_ratio times the baseline's,
-    the best hit rate (on a tie, the gentler strength), or without hit rates (no concept) the
-    strongest; if no row is that fluent, the most fluent row."""
+    """The sweep row to keep: among rows with perplexity at most max_ratio x the baseline's, the best
+    hit rate (on a tie the gentler strength; without hit rates the strongest); else the most fluent."""
     fluent = [r for r in sweep if r['ppl'] <= max_ratio * baseline_ppl]
     if not fluent:
         return min(sweep, key=lambda r: r['ppl'])
@@ -237,8 +236,6 @@ def steer_concept(model, tokens, words, layers, prompts=PROMPTS, scales=SCALES, 
     search over `layers` on the evaluation tokens, then every finalist swept over the scales.
     Returns the winner's (finalist, baseline quality, sweep, kept row), as steer_finalists()."""
     ids = concept_token_ids(words)
-    if not ids:
-        die(f"--concept: none of {words} is a single GPT-2 token")
     _, finalists = concept_search(model, tokens, ids, layers, trial_strength(math.nan, math.nan), top_m,
                                   candidates, n_finalists, batch_size)
     settings = dict(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -287,12 +284,11 @@ def checked_flags():
     return sweep, [encode_prompt(p, '--prompts') for p in prompts.split('|')]  # dies on an empty prompt
 
 
-def steered_layer(model, search):
-    """--layer checked against the model (-1: every TopK layer, for a search); with --dictionary,
-    the dictionary is attached and its layer is the one steered."""
+def steered_layer(model, search, site):
+    """--layer checked against the model (-1: every TopK layer, for a search); with a dictionary
+    attached at layer site, that layer."""
     l = layer
-    if dictionary:  # its latents are steered with the same code as neurons
-        site = attach_file(model, dictionary)
+    if site is not None:
         if layer not in (-1, site):
             die(f"--layer={layer}, but --dictionary={dictionary} sits at layer {site}")
         l = site
@@ -307,8 +303,6 @@ def steered_layer(model, search):
 def searched_finalists(model, tokens, words, l):
     """(stats, finalists) of the concept search over layer l, or every TopK layer for l = -1."""
     ids = concept_token_ids(words)
-    if not ids:
-        die(f"--concept: none of {words} is a single GPT-2 token")
     n_layer = len(model.transformer.h)
     layers = [l] if l >= 0 else [i for i in range(n_layer) if is_topk(model, i)]
     if not layers:
@@ -325,8 +319,7 @@ def searched_finalists(model, tokens, words, l):
 
 
 def given_finalist(model, tokens, l):
-    """(stats or None, [the --layer/--neuron finalist]), with its max activation on the evaluation
-    tokens when the strength is a --scale (a multiple of it)."""
+    """(stats or None, [the --layer/--neuron finalist]), with its max activation for a --scale."""
     stats = None if tokens is None else collect(model, tokens, [l], top_m, batch_size)
     peak = None if stats is None else stats[l]['values'][0, neuron].item()
     if peak is not None and peak <= 0:
@@ -339,8 +332,7 @@ def quality_text(r, with_hits):
 
 
 def chosen_line(best, base, kept, absolute, with_hits, max_ratio):
-    """What was kept, and why: the best (or, without a concept, the strongest) fluent strength,
-    else the most fluent one."""
+    """What was kept and why: the best (without a concept, the strongest) fluent strength, else the most fluent."""
     line = f"chosen: neuron {best['layer']}:{best['neuron']} at {'value' if absolute else 'scale'} {kept['scale']:g}, "
     if kept['ppl'] <= max_ratio * base['ppl']:
         return line + ("the best hit rate" if with_hits else "the strongest") + \
@@ -375,8 +367,9 @@ def main():
     configure(globals())
     sweep_scales, prompt_ids = checked_flags()
     model, ckpt = load_model(out_dir, resolve_device(device))
+    site = attach_file(model, dictionary) if dictionary else None  # its latents are steered as neurons
     search = bool(concept) and neuron == -1  # else the given neuron is steered (and scored on the concept)
-    l = steered_layer(model, search)
+    l = steered_layer(model, search, site)
     absolute = not math.isnan(value)
     words = concept.replace(',', ' ').split()
     tokens = run_eval_tokens(eval_data, ckpt, eval_tokens, model.config.block_size) if search or not absolute else None

@@ -77,7 +77,6 @@ def test_entropy_py_traces_every_checkpoint_and_agrees_with_analyse(copied_runs,
         assert x['token_entropy_mean'] == pytest.approx(analysis.mean_over_firing(t['h_tok']))
         assert x['semantic_entropy_mean'] == pytest.approx(analysis.mean_over_firing(t['h_sem']))
         assert x['dead_fraction'] == pytest.approx(t['dead'].float().mean().item())
-        assert x['semantic_entropy_mean'] <= x['token_entropy_mean'] + 1e-6  # clusters merge token types
     for name in ('entropy_final.png', 'entropy_vs_step.png', 'neuron_formation.png',
                  'neurons_layer0.html', 'neurons_layer1.html'):
         assert (out / 'analysis' / name).stat().st_size > 0, name

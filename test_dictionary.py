@@ -6,7 +6,7 @@ from torch.nn import functional as F
 
 import dictionary
 import neurons
-from conftest import planted
+from conftest import TINY_DENSE, planted
 
 
 def test_an_sae_recovers_a_planted_dictionary():
@@ -103,12 +103,8 @@ def test_a_latent_that_has_not_fired_for_dead_tokens_tokens_counts_as_dead():
     assert dead == pytest.approx((~fired).float().mean().item())  # dead before the third step: 20 tokens
 
 
-def tiny_dense(tiny_model):
-    return tiny_model(block_size=16, vocab_size=512, n_layer=2, n_embd=16, topk=0, n_nontopk=0)
-
-
 def test_an_attached_dictionary_observes_without_changing_the_model_and_steers_by_its_decoder(tiny_model):
-    model, tokens = tiny_dense(tiny_model), torch.randint(0, 512, (2, 16))
+    model, tokens = tiny_model(**TINY_DENSE), torch.randint(0, 512, (2, 16))
     clean, _ = model(tokens)
     torch.manual_seed(1)
     coder = dictionary.SparseCoder(16, 64, k=4)

@@ -5,8 +5,7 @@ import torch
 from torch.nn import functional as F
 
 import neurons
-from conftest import WORDS, tokens_of, topic_text
-from common import encode
+from conftest import concept_data
 
 
 def test_capture_is_the_activation_the_mlp_uses(tiny_model):
@@ -73,15 +72,8 @@ def test_steering_shifts_the_mlp_output_by_the_change_times_the_decoder_column(t
     torch.testing.assert_close(outs[1] - outs[0], (v - a)[..., None] * mlp.c_proj.weight[:, j], rtol=0, atol=1e-5)
 
 
-def concept_setup(tiny_model):
-    """A tiny model, work/food text, and the token ids of the work words (the concept)."""
-    model = tiny_model()
-    tokens = torch.tensor(tokens_of(topic_text(40, seed=3))[:8 * 32]).view(8, 32)
-    return model, tokens, [encode(' ' + w)[0] for w in WORDS['work']]
-
-
 def test_reads_is_mean_on_the_concept_minus_mean_elsewhere_over_the_max(tiny_model):
-    model, tokens, ids = concept_setup(tiny_model)
+    model, (tokens, ids) = tiny_model(), concept_data()
     with neurons.capture(model, [1]) as captured:
         model(tokens)
     a = captured[1].flatten(0, 1).clamp(min=0)

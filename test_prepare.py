@@ -1,6 +1,6 @@
 """
 Tests of prepare.py and toy_corpus.py:  python -m pytest -q test_prepare.py
-prepare.py runs as a subprocess, as a user runs it, on the real FineWeb-Edu sample in ../shared.
+prepare.py runs as a subprocess, as a user runs it, on a real FineWeb-Edu sample (conftest.FINEWEB_SAMPLE).
 """
 import json
 import os
@@ -19,10 +19,8 @@ import pytest
 import common
 import prepare
 import toy_corpus
+from conftest import FINEWEB_SAMPLE, HERE
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-SHARED = os.path.join(HERE, "..", "shared")
-SAMPLE = os.path.join(SHARED, "data", "fineweb-edu-sample-150.parquet")
 
 SMALL = ["--val_tokens=5000", "--shard_size=20000"]  # the 150-doc sample: one val + 5 train shards
 
@@ -40,13 +38,13 @@ def shards(directory):
 @pytest.fixture(scope="module")
 def sample_dir(tmp_path_factory):
     directory = str(tmp_path_factory.mktemp("sample") / "out")
-    result = run(f"--input={SAMPLE}", f"--out_dir={directory}", *SMALL)
+    result = run(f"--input={FINEWEB_SAMPLE}", f"--out_dir={directory}", *SMALL)
     assert result.returncode == 0, result.stderr
     return directory
 
 
 def test_fineweb_sample_round_trips(sample_dir):
-    docs = pq.read_table(SAMPLE).column("text").to_pylist()
+    docs = pq.read_table(FINEWEB_SAMPLE).column("text").to_pylist()
     expected = np.concatenate([[common.EOT] + common.encode(d) for d in docs])
     names = ["local_val_000000.bin"] + [f"local_train_{i:06d}.bin" for i in range(1, 6)]
     assert sorted(shards(sample_dir)) == sorted(names)
@@ -71,7 +69,7 @@ def test_tokenize_documents_puts_eot_before_each_document():
 def test_rerun_of_complete_output_does_nothing(sample_dir, tmp_path):
     directory = shutil.copytree(sample_dir, tmp_path / "copy")
     before = shards(directory)
-    result = run(f"--input={SAMPLE}", f"--out_dir={directory}", *SMALL)
+    result = run(f"--input={FINEWEB_SAMPLE}", f"--out_dir={directory}", *SMALL)
     assert result.returncode == 0 and "nothing to do" in result.stdout
     assert shards(directory) == before
 
@@ -173,10 +171,10 @@ BAD_INPUTS = {  # args, words the error must contain; {tmp} is the test's folder
     "no file": (["--input={tmp}/missing/*.parquet"], ["--input", "matches no file"]),
     "no text column": (["--input={tmp}/no_text.parquet"], ["no_text.parquet", "'text' column"]),
     "no text key": (["--input={tmp}/bad_line.jsonl"], ["bad_line.jsonl", "line 3"]),
-    "unknown flag": (["--input=" + SAMPLE, "--shard_sise=10"], ["--shard_sise"]),
-    "wrong type": (["--input=" + SAMPLE, "--shard_size=big"], ["--shard_size", "'big'"]),
-    "negative size": (["--input=" + SAMPLE, "--val_tokens=-5"], ["--val_tokens", "-5"]),
-    "too small": (["--input=" + SAMPLE], ["--val_tokens=10000000", "lower"]),
+    "unknown flag": (["--input=" + FINEWEB_SAMPLE, "--shard_sise=10"], ["--shard_sise"]),
+    "wrong type": (["--input=" + FINEWEB_SAMPLE, "--shard_size=big"], ["--shard_size", "'big'"]),
+    "negative size": (["--input=" + FINEWEB_SAMPLE, "--val_tokens=-5"], ["--val_tokens", "-5"]),
+    "too small": (["--input=" + FINEWEB_SAMPLE], ["--val_tokens=10000000", "lower"]),
     "hub unreachable": (["--dataset=fineweb-edu"], ["--name=sample-10BT", "--dataset=toy"]),
 }
 
@@ -202,7 +200,7 @@ def test_bad_input_fails_cleanly(case, tmp_path):
 def test_shards_of_other_settings_are_not_overwritten(sample_dir, tmp_path):
     directory = shutil.copytree(sample_dir, tmp_path / "existing")
     before = shards(directory)
-    check_fails_cleanly(run(f"--input={SAMPLE}", f"--out_dir={directory}", "--val_tokens=5000",
+    check_fails_cleanly(run(f"--input={FINEWEB_SAMPLE}", f"--out_dir={directory}", "--val_tokens=5000",
                             "--shard_size=30000"), ["--out_dir", "other settings"])
     assert shards(directory) == before
 
@@ -211,5 +209,5 @@ def test_unrecorded_shards_are_not_overwritten(tmp_path):
     foreign = tmp_path / "fineweb_train_000001.bin"  # e.g. shards downloaded for llm.c
     common.write_shard(foreign, np.arange(10))
     before = foreign.read_bytes()
-    check_fails_cleanly(run(f"--input={SAMPLE}", f"--out_dir={tmp_path}", *SMALL), ["--out_dir", ".bin"])
+    check_fails_cleanly(run(f"--input={FINEWEB_SAMPLE}", f"--out_dir={tmp_path}", *SMALL), ["--out_dir", ".bin"])
     assert shards(tmp_path) == {foreign.name: before}

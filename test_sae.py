@@ -10,11 +10,7 @@ from torch.nn import functional as F
 
 import dictionary
 import sae
-from conftest import planted
-
-
-def tiny_dense(tiny_model):
-    return tiny_model(block_size=16, vocab_size=512, n_layer=2, n_embd=16, topk=0, n_nontopk=0)
+from conftest import TINY_DENSE, planted
 
 
 def identity_coder(d_in, transcoder=False):
@@ -31,7 +27,7 @@ def identity_coder(d_in, transcoder=False):
 
 
 def test_splicing_a_perfect_reconstruction_gives_the_clean_loss_exactly(tiny_model):
-    model, tokens = tiny_dense(tiny_model), torch.randint(0, 512, (4, 16))
+    model, tokens = tiny_model(**TINY_DENSE), torch.randint(0, 512, (4, 16))
     clean = sae.mean_ce(model, tokens)
     with dictionary.attached(model, {0: identity_coder(16), 1: identity_coder(16)}, splice=True):
         assert sae.mean_ce(model, tokens) == clean

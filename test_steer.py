@@ -11,13 +11,11 @@ from torch.nn import functional as F
 import neurons
 import steer
 from common import EOT, encode
-from conftest import WORDS, tokens_of, topic_text
+from conftest import concept_data
 
 
 def test_concept_candidates_rank_the_neuron_that_promotes_the_concept_first(tiny_model):
-    model = tiny_model()
-    tokens = torch.tensor(tokens_of(topic_text(40, seed=3))[:8 * 32]).view(8, 32)
-    ids = [encode(' ' + w)[0] for w in WORDS['work']]
+    model, (tokens, ids) = tiny_model(), concept_data()
     # plant a neuron of layer 1 whose decoder column is ' salary''s (tied) embedding, made long
     # enough that writing it into the residual stream makes ' salary' the likeliest next token
     j, u = 17, F.normalize(torch.randn(32), dim=0)
@@ -122,7 +120,7 @@ def test_steer_searches_a_concept_and_sweeps_the_strength_end_to_end(copied_runs
     assert {'layer', 'neuron', 'value', 'baseline_hit_rate', 'steered_hit_rate', 'baseline_ppl', 'steered_ppl',
             'scale', 'signals', 'sweep', 'finalists'} == set(result)
     assert len(result['finalists']) == 3 and f"{result['layer']}:{result['neuron']}" in result['finalists']
-    assert result['layer'] in (0, 1) and result['value'] > 0  # a TopK layer, at a multiple of a positive max
+    assert result['layer'] in (0, 1)  # a TopK layer
     assert (4 * result['baseline_hit_rate']).is_integer()  # hits among 2 prompts x 2 samples
     assert [s['scale'] for s in result['sweep']] == [1, 3] and result['scale'] in (1, 3)
     kept = next(s for s in result['sweep'] if s['scale'] == result['scale'])

@@ -145,7 +145,7 @@ def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one_to_resume_fr
 
 
 # -----------------------------------------------------------------------------
-# 2. exact resume: data order, dropout, alpha and learning rate follow from (seed, iteration),
+# exact resume: data order, dropout, alpha and learning rate follow from (seed, iteration),
 # so a resumed run needs no saved RNG state
 
 
@@ -159,7 +159,7 @@ def test_n_iterations_then_resuming_for_n_more_is_the_2n_iteration_run_bit_for_b
 
 
 # -----------------------------------------------------------------------------
-# 3. DDP: with gradient_accumulation_steps=2, two processes take one micro-batch each, and dropout
+# DDP: with gradient_accumulation_steps=2, two processes take one micro-batch each, and dropout
 # follows the micro-batch, not the process
 
 
@@ -175,7 +175,7 @@ def test_two_processes_give_the_losses_of_one_process_accumulating_the_same_batc
 
 
 # -----------------------------------------------------------------------------
-# 4. fault tolerance: torchrun --max_restarts restarts every process of a job when one dies, and
+# fault tolerance: torchrun --max_restarts restarts every process of a job when one dies, and
 # with --init_from=auto they resume from out_dir/ckpt.pt
 
 
@@ -231,7 +231,7 @@ def test_a_rank_killed_under_torchrun_max_restarts_resumes_to_the_uninterrupted_
 
 
 # -----------------------------------------------------------------------------
-# 6. security
+# security
 
 
 def test_every_torch_load_in_the_repository_passes_weights_only_true():
@@ -273,7 +273,7 @@ def test_checkpoints_hold_only_tensors_and_plain_python_values(reference):
 
 
 # -----------------------------------------------------------------------------
-# 7. divergence
+# divergence
 
 
 def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(data, reference, run, tmp_path):
