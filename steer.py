@@ -5,15 +5,13 @@ TopK mask, alpha = 0) and compare with unsteered samples drawn with the same see
     python steer.py --out_dir=out-toy --layer=1 --neuron=42 --scale=2
     python steer.py --out_dir=out-toy --concept="job office salary manager career boss"
 
---concept finds the neuron in two rounds. What neurons read, predict and write (neurons.py)
-proposes candidates in every TopK layer, and a trial ranks them by the probability their steering
-gives the concept's tokens (the single-token forms of its words: " job", "job", " Job", "Job").
-The --n_finalists best are each sampled at every strength: the trial measures what a neuron
-pushes, the samples whether the text stays text. Hit rate: the fraction of samples whose
-continuation holds a concept word (whole word, any case). Fluency: each continuation's perplexity
-under the unsteered model, averaged. Without --scale or --value the strength is swept over
---scales, keeping the best hit rate within --max_ppl_ratio x the baseline's perplexity. The last
-output line is one JSON object. steer_concept() is the same search and sweep as a call (sae.py).
+--concept finds the neuron with search.py: candidates from what neurons read, predict and write,
+ranked by a steering trial; the --n_finalists best are each sampled here at every strength. Hit
+rate: the fraction of samples whose continuation holds a concept word (whole word, any case).
+Fluency: each continuation's perplexity under the unsteered model, averaged. Without --scale or
+--value the strength is swept over --scales (and --refine more strengths where fluency breaks),
+keeping the best hit rate within --max_ppl_ratio x the baseline's perplexity. The last output
+line is one JSON object. steer_concept() is the same search and sweep as a call (sae.py uses it).
 """
 import json
 import math
@@ -26,12 +24,12 @@ import matplotlib.pyplot as plt
 import torch
 from torch.nn import functional as F
 
-from common import atomic_write, decode, encode, encode_prompt, resolve_device
+from common import atomic_write, decode, encode_prompt, resolve_device
 from configurator import configure, die
 from dictionary import attach_file
 from model import load_model
-from neurons import (collect, concept_marks, contexts_text, decoder_directions, is_topk, predicts, reads,
-                     run_eval_tokens, steering, writes)
+from neurons import collect, contexts_text, decoder_directions, is_topk, run_eval_tokens, steering
+from search import concept_search, concept_token_ids, trial_strength
 
 # the defaults of steer_concept() and of the flags below
 PROMPTS = ('The story began', 'On Monday,', 'Anna said that', 'Here is what happened')  # neutral prompts
@@ -46,6 +44,7 @@ value = float('nan')  # the activation to set, absolute; nan = a multiple of the
 scale = float('nan')  # strength as a multiple of the neuron's max on evaluation data; nan = sweep --scales
 scales = ','.join(map(str, SCALES))  # the strengths swept when neither --scale nor --value is given
 max_ppl_ratio = 2.0  # the sweep keeps strengths whose steered perplexity is at most this times the baseline's
+refine = 0  # with a sweep: strengths tried by bisection where fluency breaks, between the grid's last fluent scale and the next
 plot = False  # with a sweep: write hit rate and perplexity against scale to OUT_DIR/analysis/steering_L_J.png
 prompts = '|'.join(PROMPTS)  # neutral prompts, separated by |
 num_samples = 10  # samples per prompt, baseline and steered each
@@ -64,86 +63,8 @@ device = 'auto'
 # -----------------------------------------------------------------------------
 
 
-def concept_token_ids(words):
-    """The single-token forms of each word: ' job', 'job', ' Job', 'Job' where each is one token;
-    a one-line error if no word has one."""
-    ids = sorted({t[0] for w in words for form in (' ' + w, w, ' ' + w.capitalize(), w.capitalize())
-                  if len(t := encode(form)) == 1})
-    if not ids:
-        die(f"--concept: none of {words} is a single GPT-2 token")
-    return ids
-
-
 def hit_pattern(words):
     return re.compile(r'\b(?:' + '|'.join(map(re.escape, words)) + r')\b', re.IGNORECASE)
-
-
-@torch.no_grad()
-def concept_probability(model, rows, concept_ids, positions=4096):
-    """The next-token probability of the concept's tokens, summed over them, averaged over every
-    position of the rows; a few rows at a time, so at most ~positions x vocabulary logits live."""
-    total, step = 0.0, max(1, positions // rows.size(1))
-    for i in range(0, len(rows), step):
-        chunk = rows[i:i + step]
-        logits, _ = model(chunk[:, :-1], chunk[:, 1:])  # with targets: logits at every position
-        logits = logits.float()
-        total += (logits[..., concept_ids].logsumexp(-1) - logits.logsumexp(-1)).exp().sum().item()
-    return total / (len(rows) * (rows.size(1) - 1))
-
-
-@torch.no_grad()
-def concept_candidates(model, stats, concept_ids, trial, strength, candidates):
-    """Neurons to steer toward a concept, best first: in each layer of `stats` (collect() with
-    concept_marks()) the `candidates` best by each signal, each steered to strength(its max) on the
-    `trial` rows and ranked by the concept's next-token probability (a neuron can read or predict a
-    concept without promoting it, and the signals do not compare layers). Dicts of probability,
-    layer, neuron, peak, the signals that proposed it and its score by each; none if none fires."""
-    concept_ids = torch.as_tensor(concept_ids, device=trial.device)
-    tried = []
-    for l, s in stats.items():
-        scores = {"reads": reads(s), "predicts": predicts(s), "writes": writes(model, l, concept_ids).cpu()}
-        proposed = {}
-        for name, score in scores.items():
-            for j in score.topk(min(candidates, len(score))).indices.tolist():
-                proposed.setdefault(j, []).append(name)
-        for j, signals in proposed.items():
-            peak = s["values"][0, j].item()
-            if peak <= 0:
-                continue
-            with steering(model, l, j, strength(peak)):
-                p = concept_probability(model, trial, concept_ids)
-            tried.append(dict(probability=p, layer=l, neuron=j, peak=peak, signals=signals,
-                              scores={name: score[j].item() for name, score in scores.items()}))
-    return sorted(tried, key=lambda c: -c["probability"])
-
-
-def concept_search(model, tokens, ids, layers, strength, top_m=32, candidates=6, n_finalists=3, batch_size=16):
-    """(stats, finalists) for the concept tokens ids: collect() with concept_marks(), then
-    concept_candidates() on the first 8 sequences as trial data, then pick_finalists()."""
-    stats = collect(model, tokens, layers, top_m, batch_size, concept_marks(tokens, ids))
-    if any(s['mark_count']['concept'] == 0 for s in stats.values()):
-        die(f"--concept: no concept token ({', '.join(repr(decode([t])) for t in ids)}) in the evaluation data")
-    trial = tokens[:8].to(next(model.parameters()).device)
-    found = concept_candidates(model, stats, ids, trial, strength, candidates)
-    if not found:
-        die("--concept: none of the candidate neurons fires on the evaluation data")
-    return stats, pick_finalists(found, n_finalists)
-
-
-def pick_finalists(found, n):
-    """The n candidates to sample (found: best first by the trial): the best of each layer first,
-    since the trial favours layers that push the next token directly over those that set a
-    context, then the next best overall."""
-    per_layer = [c for i, c in enumerate(found) if all(c['layer'] != d['layer'] for d in found[:i])]
-    return (per_layer + [c for c in found if c not in per_layer])[:n]
-
-
-def trial_strength(value, scale):
-    """The strength concept candidates are tried at: the given --value or --scale, else (a sweep
-    to come) each candidate's own max activation, scale 1."""
-    if not math.isnan(value):
-        return lambda peak: value
-    return lambda peak: (1.0 if math.isnan(scale) else scale) * peak
 
 
 @torch.no_grad()
@@ -196,26 +117,47 @@ def pick_scale(sweep, baseline_ppl, max_ratio=2.0):
     return max(fluent, key=lambda r: (r['hit_rate'], -r['scale']))
 
 
-def steer_and_score(model, layer, neuron, strengths, peak, prompt_ids, pattern, settings):
+def steer_and_score(model, layer, neuron, strengths, peak, prompt_ids, pattern, settings, refine=0, max_ratio=2.0):
     """Baseline and one steered set per strength (a multiple of peak, or absolute if peak is
-    None): (quality() of the baseline, [the same plus 'scale', 'value'] per strength).
-    settings: num_samples, max_new_tokens, temperature, top_k, seed."""
-    def scored(v):  # sampled with the neuron set to v, scored without (fluency under the unsteered model)
-        return quality(model, prompt_ids, sample_continuations(model, prompt_ids, layer, neuron, v, **settings), pattern)
-    base = scored(None)
-    sweep = [dict(scale=s, value=s * peak if peak is not None else s, **scored(s * peak if peak is not None else s))
-             for s in strengths]
+    None): (quality() of the baseline, [the same plus 'scale', 'value'] per strength, by scale).
+    settings: num_samples, max_new_tokens, temperature, top_k, seed. With refine, that many more
+    strengths are tried by bisection between the last fluent strength of the grid (perplexity
+    within max_ratio of the baseline's) and the first one above it that is not: fluency breaks
+    somewhere in that gap, and the hit rate is usually best just before it does."""
+    def row(s):  # sampled with the neuron set to v, scored without (fluency under the unsteered model)
+        v = s * peak if peak is not None else s
+        return dict(scale=s, value=v, **quality(model, prompt_ids, sample_continuations(
+            model, prompt_ids, layer, neuron, v, **settings), pattern))
+    base = quality(model, prompt_ids, sample_continuations(model, prompt_ids, layer, neuron, None, **settings), pattern)
+    sweep = sorted((row(s) for s in strengths), key=lambda r: r['scale'])
+    fluent = lambda r: r['ppl'] <= max_ratio * base['ppl']
+    for _ in range(refine):
+        gap = fluency_gap(sweep, fluent)
+        if gap is None:
+            break
+        sweep = sorted(sweep + [row(sum(gap) / 2)], key=lambda r: r['scale'])
     return base, sweep
 
 
-def steer_finalists(model, finalists, strengths, prompt_ids, pattern, settings, max_ratio=2.0):
-    """Each finalist ({layer, neuron, peak}) steered at every strength beside its own baseline;
-    pick_scale keeps one row of each, and the winner is the finalist whose kept row is fluent
-    (perplexity within max_ratio of its baseline's) with the best hit rate, the earlier on a tie.
+def fluency_gap(sweep, fluent):
+    """(last fluent scale, the next scale, which is not fluent) of a sweep sorted by scale, or None
+    when no fluent row is followed by one that is not."""
+    for lo, hi in zip(sweep, sweep[1:]):
+        if fluent(lo) and not fluent(hi):
+            return lo['scale'], hi['scale']
+    return None
+
+
+def steer_finalists(model, finalists, strengths, prompt_ids, pattern, settings, max_ratio=2.0, refine=0):
+    """Each finalist ({layer, neuron, peak}) steered at every strength beside its own baseline
+    (and refine more strengths, see steer_and_score); pick_scale keeps one row of each, and the
+    winner is the finalist whose kept row is fluent (perplexity within max_ratio of its
+    baseline's) with the best hit rate, the earlier on a tie.
     Returns ([(finalist, baseline, sweep, kept)], index of the winner)."""
     results = []
     for f in finalists:
-        base, sweep = steer_and_score(model, f['layer'], f['neuron'], strengths, f['peak'], prompt_ids, pattern, settings)
+        base, sweep = steer_and_score(model, f['layer'], f['neuron'], strengths, f['peak'], prompt_ids, pattern,
+                                      settings, refine, max_ratio)
         results.append((f, base, sweep, pick_scale(sweep, base['ppl'], max_ratio)))
     return results, pick_finalist([(base, kept) for _, base, _, kept in results], max_ratio)
 
@@ -231,7 +173,7 @@ def pick_finalist(pairs, max_ratio=2.0):
 
 def steer_concept(model, tokens, words, layers, prompts=PROMPTS, scales=SCALES, num_samples=10, max_new_tokens=60,
                   temperature=0.8, top_k=200, seed=1337, top_m=32, candidates=6, n_finalists=3, max_ppl_ratio=2.0,
-                  batch_size=16):
+                  refine=0, batch_size=16):
     """What `python steer.py --concept=WORDS` does, as a call with the same defaults: the concept
     search over `layers` on the evaluation tokens, then every finalist swept over the scales.
     Returns the winner's (finalist, baseline quality, sweep, kept row), as steer_finalists()."""
@@ -241,7 +183,7 @@ def steer_concept(model, tokens, words, layers, prompts=PROMPTS, scales=SCALES, 
     settings = dict(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
                     top_k=top_k, seed=seed)
     results, win = steer_finalists(model, finalists, list(scales), [encode_prompt(p) for p in prompts],
-                                   hit_pattern(words), settings, max_ppl_ratio)
+                                   hit_pattern(words), settings, max_ppl_ratio, refine)
     return results[win]
 
 
@@ -275,6 +217,8 @@ def checked_flags():
                     ('n_finalists', n_finalists)):
         if v < 1:
             die(f"--{flag} must be at least 1, got {v}")
+    if refine < 0:
+        die(f"--refine must be at least 0, got {refine}")
     if not max_ppl_ratio > 0:
         die(f"--max_ppl_ratio must be positive, got {max_ppl_ratio}")
     try:
@@ -380,7 +324,8 @@ def main():
     settings = dict(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
                     top_k=top_k, seed=seed)
     pattern = hit_pattern(words) if words else None
-    results, win = steer_finalists(model, finalists, strengths, prompt_ids, pattern, settings, max_ppl_ratio)
+    results, win = steer_finalists(model, finalists, strengths, prompt_ids, pattern, settings, max_ppl_ratio,
+                                   refine if len(strengths) > 1 and not absolute else 0)
     best, base, sweep, kept = results[win]
     report_sweeps(results, win, absolute, pattern is not None)
     if stats is not None:

@@ -144,7 +144,7 @@ def test_bad_input_met_by_a_call_fails_in_one_line_and_touches_nothing(tmp_path,
 
 
 @pytest.mark.parametrize('bad', ['--layer=3', '--neuron=128', '--neuron=-1', '--prompts=The| ', '--max_new_tokens=0',
-                                 '--scales=1,x'])
+                                 '--scales=1,x', '--refine=-1'])
 def test_steer_rejects_bad_flags_in_one_line(tiny_runs, run_main, bad):
     # in this process, to save an interpreter start per case; die() raises SystemExit
     with pytest.raises(SystemExit) as e:
@@ -153,3 +153,11 @@ def test_steer_rejects_bad_flags_in_one_line(tiny_runs, run_main, bad):
     assert message.startswith(f"error: {bad.split('=')[0]}") and '\n' not in message, message
     if 'layer' in bad or 'neuron' in bad:
         assert ('[0, 2]' if 'layer' in bad else '[0, 127]') in message  # the valid range
+
+
+def test_a_concept_absent_from_the_evaluation_tokens_says_how_to_search_further(tiny_runs, run_main):
+    with pytest.raises(SystemExit) as e:
+        run_main('steer.py', f'--out_dir={tiny_runs / "topk"}', '--concept=piano rain', '--eval_tokens=1024')
+    message = str(e.value)
+    assert message.startswith("error: --concept: no concept token ('rain', ' rain', ' Rain', ' piano', 'Rain', ' Piano') in the 1,024 ")
+    assert '--eval_tokens' in message and '\n' not in message

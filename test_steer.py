@@ -1,5 +1,5 @@
-"""steer.py: the concept search, the scoring of steered samples, the choice of strength and of
-finalist, and the script end to end on the tiny runs."""
+"""steer.py: the scoring of steered samples, the choice of strength (refined where fluency breaks)
+and of finalist, and the script end to end on the tiny runs."""
 import inspect
 import json
 import math
@@ -11,30 +11,6 @@ from torch.nn import functional as F
 import neurons
 import steer
 from common import EOT, encode
-from conftest import concept_data
-
-
-def test_concept_candidates_rank_the_neuron_that_promotes_the_concept_first(tiny_model):
-    model, (tokens, ids) = tiny_model(), concept_data()
-    # plant a neuron of layer 1 whose decoder column is ' salary''s (tied) embedding, made long
-    # enough that writing it into the residual stream makes ' salary' the likeliest next token
-    j, u = 17, F.normalize(torch.randn(32), dim=0)
-    with torch.no_grad():
-        model.transformer.wte.weight[ids[2]] = 3 * u
-        model.transformer.h[1].mlp.c_proj.weight[:, j] = 10 * u
-    stats = neurons.collect(model, tokens, [0, 1], top_m=4, marks=neurons.concept_marks(tokens, ids))
-    found = steer.concept_candidates(model, stats, ids, tokens, lambda peak: 5.0, 4)
-    best = found[0]
-    assert (best['layer'], best['neuron']) == (1, j) and best['probability'] > 0.5
-    assert 'writes' in best['signals']  # found by its decoder direction, whatever it reads
-    assert best['scores']['reads'] == pytest.approx(neurons.reads(stats[1])[j].item())
-    assert [c['probability'] for c in found] == sorted((c['probability'] for c in found), reverse=True)
-    # with one candidate per signal, only each layer's best neuron by each signal is tried
-    found = steer.concept_candidates(model, stats, ids, tokens, lambda peak: 5.0, 1)
-    for c in found:
-        tops = {int(neurons.reads(stats[c['layer']]).argmax()), int(neurons.predicts(stats[c['layer']]).argmax()),
-                int(neurons.writes(model, c['layer'], ids).argmax())}
-        assert c['neuron'] in tops
 
 
 def test_fluency_is_exp_of_the_mean_next_token_loss_of_the_continuation(tiny_model):
@@ -79,14 +55,6 @@ def test_the_sweep_keeps_the_best_hit_rate_among_fluent_strengths():
     assert steer.pick_scale(no_concept, baseline_ppl=10)['scale'] == 2  # no hit rates: the strongest fluent
 
 
-def test_the_finalists_are_each_layers_best_then_the_next_best():
-    found = [dict(layer=l, neuron=j) for l, j in [(0, 5), (0, 6), (2, 1), (0, 7), (1, 3)]]  # best first
-    pick = lambda n: [(c['layer'], c['neuron']) for c in steer.pick_finalists(found, n)]
-    assert pick(3) == [(0, 5), (2, 1), (1, 3)]
-    assert pick(4) == [(0, 5), (2, 1), (1, 3), (0, 6)]
-    assert pick(2) == [(0, 5), (2, 1)]
-
-
 def test_the_finalist_kept_is_the_fluent_one_with_the_best_hit_rate():
     base = dict(ppl=10)
     row = lambda hit_rate, ppl: dict(hit_rate=hit_rate, ppl=ppl)
@@ -100,7 +68,8 @@ def test_steer_concept_has_the_command_lines_defaults():
     """sae.py calls steer_concept() for what `steer.py --concept` does: same defaults, no flags read."""
     flags = {'prompts': steer.prompts.split('|'), 'scales': [float(s) for s in steer.scales.split(',')],
              **{k: getattr(steer, k) for k in ('num_samples', 'max_new_tokens', 'temperature', 'top_k', 'seed',
-                                               'top_m', 'candidates', 'n_finalists', 'max_ppl_ratio', 'batch_size')}}
+                                               'top_m', 'candidates', 'n_finalists', 'max_ppl_ratio', 'refine',
+                                               'batch_size')}}
     defaults = {k: p.default for k, p in inspect.signature(steer.steer_concept).parameters.items()
                 if p.default is not inspect.Parameter.empty}
     assert {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()} == flags
@@ -144,3 +113,28 @@ def test_the_chosen_line_names_the_neuron_and_strength_when_none_is_fluent(tiny_
     chosen = next(line for line in printed.splitlines() if line.startswith('chosen:'))
     assert chosen == ("chosen: neuron 0:5 at value 30, no strength stayed within 1e-09x the baseline perplexity: "
                       "the most fluent")
+
+
+def test_refinement_bisects_between_the_grid_points_that_bracket_the_fluency_bound(tiny_model):
+    """Greedy decoding makes the planted neuron's effect known: a steered continuation is the
+    baseline's, at exactly the baseline's perplexity, until the value is large enough to flip a
+    token. With max_ratio 1 + 1e-6 that flip is where fluency breaks, and bisection closes in on it."""
+    model, j, X = tiny_model(), 17, encode(' salary')[0]
+    with torch.no_grad():  # steering the neuron pushes the residual stream towards X's unembedding
+        model.transformer.h[1].mlp.c_proj.weight[:, j] = F.normalize(model.lm_head.weight[X], dim=0)
+        model.transformer.h[1].mlp.c_fc.bias[j] = -100.0  # and it never fires by itself
+        model.transformer.ln_f.weight *= 50  # confident logits: a small push flips no greedy token
+    prompt_ids = [[EOT] + encode(' Anna saw')]
+    settings = dict(num_samples=1, max_new_tokens=6, temperature=0, top_k=0, seed=0)
+    base, sweep = steer.steer_and_score(model, 1, j, [1e-4, 50.0], None, prompt_ids, None, settings, refine=4,
+                                        max_ratio=1 + 1e-6)
+    assert torch.equal(sweep[0]['continuations'][0], base['continuations'][0])  # 1e-4: no token flips
+    assert not torch.equal(sweep[-1]['continuations'][0], base['continuations'][0])  # 50: some do
+    refined = [r['scale'] for r in sweep[1:-1]]
+    assert len(refined) == 4 and all(1e-4 < s < 50.0 for s in refined)
+    fluent = [r for r in sweep if r['ppl'] <= (1 + 1e-6) * base['ppl']]
+    lo, hi = max(r['scale'] for r in fluent), min(r['scale'] for r in sweep if r not in fluent)
+    assert lo < hi <= lo + (50.0 - 1e-4) / 2 ** 4 + 1e-9  # the bracket halved at every step
+    for r in sweep:  # fluent exactly where greedy decoding is unchanged
+        assert (r in fluent) == torch.equal(r['continuations'][0], base['continuations'][0])
+    assert steer.pick_scale(sweep, base['ppl'], 1 + 1e-6)['scale'] == lo  # no concept: the strongest fluent
