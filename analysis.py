@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from common import atomic_write, decode, resolve_device
+from common import atomic_write, decode, resolve_device, run_folder
 from configurator import configure, die
 from dictionary import attach_file
 from model import load_model
@@ -212,8 +212,7 @@ def main():
         print(neuron_summary(model, tables[l], l, j))
         print("\n".join(contexts_text(tokens, stats[l], j)) or "  (never fires)")
     else:
-        run_dir = out_dir if os.path.isdir(out_dir) else os.path.dirname(os.path.abspath(out_dir))
-        path = os.path.join(run_dir, "analysis", page.format(l))
+        path = os.path.join(run_folder(out_dir), "analysis", page.format(l))
         write_page(path, model, tokens, l, stats[l], tables[l])
         print(f"wrote {path}")
 

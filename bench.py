@@ -267,9 +267,9 @@ def bench_prepare():
     """prepare.py itself, run as a user runs it, on real FineWeb-Edu text repeated to about
     prepare_tokens tokens: reading, tokenizing and shard writing, as prepare.py times them."""
     here = os.path.dirname(os.path.abspath(__file__))
-    path = os.path.join(here, prepare_input)
+    path = prepare_input  # as the user gave it, relative to the working directory
     if not os.path.isfile(path):
-        die(f"--prepare_input {path} not found (--prepare_tokens=0 skips this measurement)")
+        die(f"--prepare_input {path} not found (without it, this measurement is skipped)")
     docs = pq.read_table(path, columns=["text"]).column(0).to_pylist()
     repeats = math.ceil(prepare_tokens / len(prepare.tokenize_documents(docs)))
     with tempfile.TemporaryDirectory() as d:

@@ -159,6 +159,12 @@ def load_checkpoint(path, device="cpu"):
     return checkpoint
 
 
+def run_folder(path):
+    """The folder of the run at path, an out_dir or one of its checkpoint files: where a script
+    writes what it makes of the run (its analysis/ folder)."""
+    return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+
+
 def run_checkpoints(run):
     """[(iter, path)] of a run's checkpoints in training order: the ckpt_{iter}.pt series, and
     ckpt.pt where no snapshot has its iteration."""

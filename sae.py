@@ -29,6 +29,7 @@ from configurator import configure, die
 from dictionary import attached, initial_coders, load_dictionary, model_shape, save_dictionary, train_dictionaries
 from model import load_model
 from neurons import capture, run_eval_tokens
+from search import concept_words
 from steer import steer_concept
 
 # -----------------------------------------------------------------------------
@@ -312,7 +313,7 @@ def stability_of(sae_final, sae_other_seed, sae_early, checkpoints, topk_model, 
 
 def steering_of(dense, topk_model, coders, tokens, sites):
     """The concept steered with each route's features: TopK neurons, dense neurons, each dictionary's latents."""
-    words = concept.replace(',', ' ').split()
+    words = concept_words(concept)
     out = {'concept': concept, 'TopK LM neurons': steering_result(topk_model, tokens, sites, words, top_m),
            'dense twin neurons': steering_result(dense, tokens, sites, words, top_m)}
     for kd, group in coders.items():
@@ -334,6 +335,7 @@ def main():
     folder = os.path.join(out_dir, 'sae')
     coders, training = obtain_dictionaries(checkpoints, sites, wanted, cfg.topk, settings, folder, seed, retrain, dev)
     group = lambda kd, name='final', s=seed: {l: coders[kd, s, name, l] for l in sites}  # one coder per site
+    final = {kd: group(kd) for kd in kinds}
 
     tokens = run_eval_tokens('', dense_ckpt, eval_tokens, cfg.block_size)
     cluster_of = semantic_clusters(topk_ckpt['model']['transformer.wte.weight'], tokens, n_clusters, 1337)  # as entropy.py
@@ -346,14 +348,14 @@ def main():
     result = dict(eval_tokens=tokens.numel(), sites=sites, k=cfg.topk, n_latents=4 * cfg.n_embd,
                   dense=dict(ce=ce_dense, ppl=math.exp(ce_dense)), topk=dict(ce=ce_topk, ppl=math.exp(ce_topk)),
                   routes={}, stability={}, steering={})
-    result['routes'], route_tables = route_results(dense, topk_model, {kd: group(kd) for kd in kinds},
+    result['routes'], route_tables = route_results(dense, topk_model, final,
                                                    {kd: training[kd, seed, 'final'] for kd in kinds}, tokens,
                                                    ce_dense, ce_topk, tables_of)
     if stability and 'sae' in kinds:
-        result['stability'] = stability_of(group('sae'), group('sae', s=seed + 1), group('sae', 'early'), checkpoints,
+        result['stability'] = stability_of(final['sae'], group('sae', s=seed + 1), group('sae', 'early'), checkpoints,
                                            topk_model, topk_ckpt, route_tables, tables_of, dev)
     if concept:
-        result['steering'] = steering_of(dense, topk_model, {kd: group(kd) for kd in kinds}, tokens, sites)
+        result['steering'] = steering_of(dense, topk_model, final, tokens, sites)
     report(result)
     atomic_write(os.path.join(folder, 'comparison.json'), lambda f: f.write(json.dumps(result, indent=1).encode()))
     plot_routes(os.path.join(folder, 'comparison.png'), result)

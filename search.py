@@ -15,6 +15,11 @@ from configurator import die
 from neurons import collect, concept_marks, predicts, reads, steering, writes
 
 
+def concept_words(text):
+    """The words of a --concept: separated by spaces or commas."""
+    return text.replace(',', ' ').split()
+
+
 def concept_token_ids(words):
     """The single-token forms of each word: ' job', 'job', ' Job', 'Job' where each is one token;
     a one-line error if no word has one."""

@@ -24,12 +24,12 @@ import matplotlib.pyplot as plt
 import torch
 from torch.nn import functional as F
 
-from common import atomic_write, decode, encode_prompt, resolve_device
+from common import atomic_write, decode, encode_prompt, resolve_device, run_folder
 from configurator import configure, die
 from dictionary import attach_file
 from model import load_model
 from neurons import collect, contexts_text, decoder_directions, is_topk, run_eval_tokens, steering
-from search import concept_search, concept_token_ids, trial_strength
+from search import concept_search, concept_token_ids, concept_words, trial_strength
 
 # the defaults of steer_concept() and of the flags below
 PROMPTS = ('The story began', 'On Monday,', 'Anna said that', 'Here is what happened')  # neutral prompts
@@ -315,7 +315,7 @@ def main():
     search = bool(concept) and neuron == -1  # else the given neuron is steered (and scored on the concept)
     l = steered_layer(model, search, site)
     absolute = not math.isnan(value)
-    words = concept.replace(',', ' ').split()
+    words = concept_words(concept)
     tokens = run_eval_tokens(eval_data, ckpt, eval_tokens, model.config.block_size) if search or not absolute else None
     stats, finalists = searched_finalists(model, tokens, words, l) if search else given_finalist(model, tokens, l)
     if absolute:  # the strength is the value itself, not a multiple of a max
@@ -324,8 +324,7 @@ def main():
     settings = dict(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
                     top_k=top_k, seed=seed)
     pattern = hit_pattern(words) if words else None
-    results, win = steer_finalists(model, finalists, strengths, prompt_ids, pattern, settings, max_ppl_ratio,
-                                   refine if len(strengths) > 1 and not absolute else 0)
+    results, win = steer_finalists(model, finalists, strengths, prompt_ids, pattern, settings, max_ppl_ratio, refine)
     best, base, sweep, kept = results[win]
     report_sweeps(results, win, absolute, pattern is not None)
     if stats is not None:
@@ -333,8 +332,7 @@ def main():
     if not is_topk(model, best['layer']):
         print(f"note: layer {best['layer']} is a dense GELU block, not TopK: its neurons are not sparse features")
     if plot and len(sweep) > 1:
-        run_dir = out_dir if os.path.isdir(out_dir) else os.path.dirname(os.path.abspath(out_dir))
-        path = os.path.join(run_dir, 'analysis', f"steering_{best['layer']}_{best['neuron']}.png")
+        path = os.path.join(run_folder(out_dir), 'analysis', f"steering_{best['layer']}_{best['neuron']}.png")
         plot_sweep(path, sweep, base, f"neuron {best['layer']}:{best['neuron']}" + (f", concept: {concept}" if concept else ""))
         print(f"wrote {path}")
     report_samples(base, kept, pattern is not None, prompts.split('|'))
