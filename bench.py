@@ -22,9 +22,9 @@ import time
 import pyarrow as pa  # installed with datasets
 import pyarrow.parquet as pq
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 import common
+import memory
 import prepare
 import sparse_mlp
 from configurator import configure, die
@@ -33,8 +33,9 @@ from model import GPT, MLP, GPTConfig
 # -----------------------------------------------------------------------------
 preset = ""  # 'gpt2': GPT-2 small shapes for a GPU; explicit flags still override it
 device = "auto"  # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'
-dtype = "auto"  # 'auto' (bfloat16 on CUDA, float32 on CPU), 'float32', 'bfloat16', 'float16'
-compile = True  # torch.compile the training models (used on CUDA only, as train.py)
+dtype = "auto"  # 'auto' (bfloat16 on GPUs that compute in it natively, float16 on older ones, float32 on CPU), 'float32', 'bfloat16', 'float16'
+compile = "auto"  # torch.compile the training models: 'auto' on CUDA only (as train.py), 'True' on the CPU too, 'False'
+
 seed = 1337  # weights, inputs and prompts all follow from it
 # the training model (TopK and its dense twin)
 n_layer = 6  # transformer blocks
@@ -94,62 +95,6 @@ def ratio(times, a, b):
     return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
 
-@contextlib.contextmanager
-def quiet_stderr():
-    """Silence the profiler's C++ log lines (start, stop, a note on blocks allocated before it)."""
-    saved = os.dup(2)
-    with open(os.devnull, "w") as null:
-        os.dup2(null.fileno(), 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def peak_memory(fn):
-    """Bytes allocated at the high point of fn() beyond what was allocated when it began. For a
-    training step that is activations, gradients and temporaries, not the weights and optimizer
-    state that persist between steps. CUDA: the allocator's own statistics. CPU: PyTorch keeps
-    none, so the profiler's record of every allocation (with its running total) is read back."""
-    if device.startswith("cuda"):
-        sync()
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        sync()
-        return torch.cuda.max_memory_allocated(device) - base
-    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    with tempfile.TemporaryDirectory() as d:
-        prof.export_chrome_trace(os.path.join(d, "trace.json"))
-        with open(os.path.join(d, "trace.json")) as f:
-            events = json.load(f)["traceEvents"]
-    mem = sorted((e for e in events if e.get("name") == "[memory]" and e["args"]["Device Type"] == 0),
-                 key=lambda e: e["ts"])
-    if not mem:
-        return 0
-    base = mem[0]["args"]["Total Allocated"] - mem[0]["args"]["Bytes"]
-    return max(e["args"]["Total Allocated"] for e in mem) - base
-
-
-def saved_for_backward(model, x, y, ctx):
-    """Bytes of the tensors autograd keeps from the forward for the backward (each storage once),
-    the weights excluded: the activation memory that TopK's sparse path is meant to shrink."""
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in weights:
-            storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx:
-        model(x, y, return_logits=False)
-    return sum(storages.values())
-
-
 def bench_training(ctx, use_compile):
     """Training iterations of the dense model and of the TopK model at alpha = 0 and in annealing."""
     B, T = batch_size, block_size
@@ -163,12 +108,17 @@ def bench_training(ctx, use_compile):
         model = GPT(GPTConfig(**shape, topk=k)).to(device)
         opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.split(":")[0])
         runs[name] = (model, torch.compile(model) if use_compile else model, opt)
-    variants = {"dense": ("dense", 0.0), "topk": ("topk", 0.0), "anneal": ("topk", anneal_alpha)}
+    # (model, alpha, sparse_mlp.py on); the reference row differs from "topk" only where sparse_mlp.py runs
+    variants = {"dense": ("dense", 0.0, True), "topk": ("topk", 0.0, True), "reference": ("topk", 0.0, False),
+                "anneal": ("topk", anneal_alpha, True)}
+    if not sparse_paths() or use_compile:
+        del variants["reference"]
 
     def step(variant):
-        model, fwd, opt = runs[variants[variant][0]]
-        model.set_alpha(variants[variant][1])
-        with ctx:
+        name, alpha, fast = variants[variant]
+        model, fwd, opt = runs[name]
+        model.set_alpha(alpha)
+        with ctx, sparse_mlp.switched(fast):
             _, loss = fwd(x, y, return_logits=False)  # as train.py
         loss.backward()
         opt.step()
@@ -177,20 +127,29 @@ def bench_training(ctx, use_compile):
     times = race({v: (lambda v=v: step(v)) for v in variants}, train_iters, warmup_iters)
     results = {}
     for v in variants:
-        model = runs[variants[v][0]][0]
-        model.set_alpha(variants[v][1])
+        name, alpha, fast = variants[v]
+        model, fwd, _ = runs[name]
+        model.set_alpha(alpha)
         seconds = statistics.median(times[v])
+        with sparse_mlp.switched(fast):
+            saved = memory.saved_for_backward(model.parameters(), fwd, x, y, ctx)
         results[v] = dict(seconds=seconds, tokens_per_s=B * T / seconds, vs_dense=ratio(times, v, "dense"),
-                          peak=peak_memory(lambda v=v: step(v)),
-                          saved=saved_for_backward(model, x, y, ctx))
+                          compiled=use_compile, peak=memory.peak_memory(lambda v=v: step(v), device), saved=saved)
         peak = common.peak_flops(device)
         if peak:  # dense-equivalent FLOPs, so the TopK model's MFU is comparable to its twin's
             results[v]["mfu"] = model.flops_per_token() * results[v]["tokens_per_s"] / peak
     return results
 
 
+def sparse_paths():
+    """Whether sparse_mlp.py's paths can run here (fp32 on the CPU): elsewhere the rows that time
+    them would time the reference path under another name, so they are left out."""
+    return device == "cpu"
+
+
 def bench_mlp(ctx):
-    """Forward+backward of one MLP: dense GELU, TopK on the sparse path, TopK on the reference."""
+    """Forward+backward of one MLP: dense GELU, TopK on the reference path (dense matmuls, the TopK
+    activation) and, on the CPU, TopK on the sparse path."""
     cfg = GPTConfig(n_layer=1, n_head=1, n_embd=n_embd, topk=topk, n_nontopk=0)
     torch.manual_seed(seed)
     dense = MLP(cfg, 0).to(device)
@@ -204,10 +163,11 @@ def bench_mlp(ctx):
             out = mlp(h)
         out.backward(g.to(out.dtype))
 
-    fns = {"dense": lambda: fwd_bwd(dense, True), "topk": lambda: fwd_bwd(sparse, True),
-           "reference": lambda: fwd_bwd(sparse, False)}
+    fns = {"dense": lambda: fwd_bwd(dense, True), "reference": lambda: fwd_bwd(sparse, False)}
+    if sparse_paths():
+        fns["topk"] = lambda: fwd_bwd(sparse, True)
     times = race(fns, mlp_iters)
-    return {v: dict(seconds=statistics.median(times[v]), vs_dense=ratio(times, v, "dense"), peak=peak_memory(fn))
+    return {v: dict(seconds=statistics.median(times[v]), vs_dense=ratio(times, v, "dense"), peak=memory.peak_memory(fn, device))
             for v, fn in fns.items()}
 
 
@@ -232,10 +192,15 @@ def bench_decoding(ctx):
 
     t = race({"nocache": lambda: run("nocache", use_cache=False), "cache": lambda: run("cache")},
              decode_repeats)
+    if dtype != "float32" and device != "cpu":  # in bf16 or fp16 greedy paths part for rounding reasons alone
+        for name, use_cache in (("nocache", False), ("cache", True)):
+            out[name] = generate(model, prompt, decode_new, contextlib.nullcontext(), use_cache=use_cache)
     results["nocache"] = dict(tokens_per_s=decode_new / statistics.median(t["nocache"]))
     results["cache"] = dict(tokens_per_s=decode_new / statistics.median(t["cache"]), speedup=ratio(t, "nocache", "cache"),
                             same=torch.equal(out["nocache"], out["cache"]))
     del model
+    if not sparse_paths():
+        return results
 
     torch.manual_seed(seed)
     cfg = GPTConfig(n_layer=sparse_n_layer, n_head=sparse_n_head, n_embd=sparse_n_embd, topk=topk,
@@ -267,18 +232,16 @@ def bench_prepare():
     """prepare.py itself, run as a user runs it, on real FineWeb-Edu text repeated to about
     prepare_tokens tokens: reading, tokenizing and shard writing, as prepare.py times them."""
     here = os.path.dirname(os.path.abspath(__file__))
-    path = prepare_input  # as the user gave it, relative to the working directory
-    if not os.path.isfile(path):
-        die(f"--prepare_input {path} not found (without it, this measurement is skipped)")
-    docs = pq.read_table(path, columns=["text"]).column(0).to_pylist()
+    docs = pq.read_table(prepare_input, columns=["text"]).column(0).to_pylist()
     repeats = math.ceil(prepare_tokens / len(prepare.tokenize_documents(docs)))
     with tempfile.TemporaryDirectory() as d:
         pq.write_table(pa.table({"text": docs * repeats}), os.path.join(d, "docs.parquet"))
         run = subprocess.run([sys.executable, os.path.join(here, "prepare.py"), f"--input={d}/docs.parquet",
                               f"--out_dir={d}/shards", f"--val_tokens={prepare_tokens // 20 + 1}"],
                              capture_output=True, text=True)
-    if run.returncode:
-        die(f"prepare.py failed: {run.stderr.strip().splitlines()[-1]}")
+    if run.returncode:  # the timings so far are kept: the row is skipped, the summary still printed
+        print(f"\nprepare.py row skipped: prepare.py failed: {run.stderr.strip().splitlines()[-1]}")
+        return None
     tokens, rate = re.search(r"^wrote ([\d,]+) tokens .*: ([\d.]+)M tokens/s", run.stdout, re.M).groups()
     return dict(tokens=int(tokens.replace(",", "")), tokens_per_s=float(rate) * 1e6)
 
@@ -288,36 +251,43 @@ def mib(n):
 
 
 def print_training(tr):
-    print(f"\ntraining iteration   {'ms':>9} {'tokens/s':>9} {'vs dense':>8} {'peak MiB':>9} "
+    compiled = tr["dense"]["compiled"]
+    print(f"\ntraining iteration {' ' * 8} {'ms':>9} {'tokens/s':>9} {'vs dense':>8} {'peak MiB':>9} "
           f"{'saved MiB':>9}" + (f" {'MFU':>6}" if "mfu" in tr["dense"] else ""))
-    labels = {"dense": "dense (topk=0)", "topk": "TopK, alpha=0", "anneal": f"TopK, alpha={anneal_alpha}"}
+    labels = {"dense": "dense (topk=0)", "topk": "TopK, alpha=0, " + ("sparse path" if "reference" in tr else "lean TopK"),
+              "reference": "TopK, alpha=0, lean TopK", "anneal": f"TopK, alpha={anneal_alpha}, formula"}
     for v, r in tr.items():
-        print(f"  {labels[v]:<18} {1e3 * r['seconds']:9.1f} {r['tokens_per_s']:9.0f} "
+        print(f"  {labels[v]:<34} {1e3 * r['seconds']:9.1f} {r['tokens_per_s']:9.0f} "
               f"{r['vs_dense']:8.2f} {mib(r['peak'])} {mib(r['saved'])}"
               + (f" {100 * r['mfu']:5.1f}%" if "mfu" in r else ""))
-    print("  peak: allocated during one step beyond weights and optimizer state; "
-          "saved: activations kept for the backward")
+    print("  peak: allocated during one step beyond weights and optimizer state; saved: activations kept for "
+          f"the backward; both measured on the timed model{' (compiled)' if compiled else ''}")
+    print("  sparse path: sparse_mlp.py (CPU only); lean TopK: dense matmuls, the activation built from the k kept")
 
 
 def print_mlp(mlp):
     print(f"\nMLP forward+backward, {mlp_tokens} tokens {'ms':>9} {'vs dense':>8} {'peak MiB':>9}")
-    for v, label in (("dense", "dense GELU"), ("topk", "TopK, sparse path"), ("reference", "TopK, reference")):
-        print(f"  {label:<31} {1e3 * mlp[v]['seconds']:9.1f} "
-              f"{mlp[v]['vs_dense']:8.2f} {mib(mlp[v]['peak'])}")
+    labels = {"dense": "dense GELU", "reference": "TopK, dense matmuls + lean TopK", "topk": "TopK, sparse path"}
+    for v, r in mlp.items():
+        print(f"  {labels[v]:<31} {1e3 * r['seconds']:9.1f} {r['vs_dense']:8.2f} {mib(r['peak'])}")
+    if "topk" not in mlp:
+        print("  (no sparse-path row: sparse_mlp.py runs on the CPU only, so here it would time the reference)")
 
 
 def print_decoding(dec):
     small = f"{n_layer}x{n_embd}, {decode_prompt} prompt + {decode_new} new"
     large = f"{sparse_n_layer}x{sparse_n_embd}, {sparse_prompt} prompt + {sparse_new} new"
-    rows = [(f"{small}, no cache", dec["nocache"]), (f"{small}, KV cache", dec["cache"]),
-            (f"{large}, KV cache, dense c_proj", dec["dense_proj"]),
-            (f"{large}, KV cache, sparse c_proj", dec["proj_only"]),
-            (f"{large}, KV cache, sparse c_proj + W_fc^T", dec["sparse_proj"])]
+    labels = {"nocache": f"{small}, no cache", "cache": f"{small}, KV cache",
+              "dense_proj": f"{large}, KV cache, dense c_proj", "proj_only": f"{large}, KV cache, sparse c_proj",
+              "sparse_proj": f"{large}, KV cache, sparse c_proj + W_fc^T"}
     print(f"\ndecoding, batch 1, greedy {' ' * 31} {'tokens/s':>8} {'speedup':>8}")
-    for label, r in rows:
-        print(f"  {label:<54} {r['tokens_per_s']:8.1f}" + (
-            f" {r['speedup']:8.2f}  same tokens: {r['same']}" if "speedup" in r else ""))
-    print(f"  sparse vs dense c_proj, max |logit difference|: {dec['sparse_proj']['max_abs_diff']:.1e}")
+    for v, r in dec.items():
+        print(f"  {labels[v]:<54} {r['tokens_per_s']:8.1f}" + (
+            f" {r['speedup']:8.2f}  same tokens (fp32): {r['same']}" if "speedup" in r else ""))
+    if "sparse_proj" in dec:
+        print(f"  sparse vs dense c_proj, max |logit difference|: {dec['sparse_proj']['max_abs_diff']:.1e}")
+    else:
+        print("  (no dense vs sparse c_proj rows: sparse_mlp.py runs on the CPU only, so here they would time one path)")
 
 
 def summary(tr, mlp, dec, prep):
@@ -328,15 +298,14 @@ def summary(tr, mlp, dec, prep):
         anneal_over_dense=tr["anneal"]["vs_dense"],
         peak_mem_topk_over_dense=tr["topk"]["peak"] / tr["dense"]["peak"],
         saved_mem_topk_over_dense=tr["topk"]["saved"] / tr["dense"]["saved"],
-        mlp_topk_over_dense=mlp["topk"]["vs_dense"],
+        mlp_topk_over_dense=mlp["topk"]["vs_dense"] if "topk" in mlp else None,
         mlp_reference_over_dense=mlp["reference"]["vs_dense"],
-        mlp_peak_mem_topk_over_dense=mlp["topk"]["peak"] / mlp["dense"]["peak"],
+        mlp_peak_mem_topk_over_dense=mlp["topk"]["peak"] / mlp["dense"]["peak"] if "topk" in mlp else None,
         kv_cache_speedup=dec["cache"]["speedup"],
         kv_cache_same_tokens=dec["cache"]["same"],
-        sparse_decode_speedup=dec["sparse_proj"]["speedup"],
-        sparse_proj_only_decode_speedup=dec["proj_only"]["speedup"],
-        sparse_decode_same_tokens=dec["sparse_proj"]["same"],
-        sparse_decode_max_abs_diff=dec["sparse_proj"]["max_abs_diff"],
+        **{key: dec[v][field] if v in dec else None for key, v, field in (
+            ("sparse_decode_speedup", "sparse_proj", "speedup"), ("sparse_proj_only_decode_speedup", "proj_only", "speedup"),
+            ("sparse_decode_same_tokens", "sparse_proj", "same"), ("sparse_decode_max_abs_diff", "sparse_proj", "max_abs_diff"))},
         prepare_tokens_per_s=prep["tokens_per_s"] if prep else None,
         **{f"train_tokens_per_s_{v}": r["tokens_per_s"] for v, r in tr.items()},
         **{f"peak_mib_{v}": r["peak"] / 2**20 for v, r in tr.items()},
@@ -358,20 +327,26 @@ def main():
     device = common.resolve_device(device)
     dtype = common.resolve_dtype(dtype, device)
     ctx = common.autocast(device, dtype)
-    use_compile = compile and device.startswith("cuda")
+    if compile not in ("auto", "True", "False"):
+        die(f"--compile must be auto, True or False, got {compile!r}")
+    use_compile = compile == "True" or compile == "auto" and device.startswith("cuda")
     if device == "cpu":
         common.keep_freed_memory()  # as train.py does
     threads = f", {torch.get_num_threads()} threads" if device == "cpu" else ""
     print(f"device {device}{threads}, {dtype}, torch.compile {'on' if use_compile else 'off'}, torch {torch.__version__}")
     print(f"model: n_layer {n_layer}, n_embd {n_embd}, d_ff {4 * n_embd}, block_size {block_size}, "
           f"batch_size {batch_size}, k {topk}, n_nontopk {n_nontopk}")
+    measure_prepare = prepare_tokens > 0 and prepare_input  # relative to the working directory, as typed
+    if measure_prepare and not os.path.isfile(prepare_input):
+        print(f"note: --prepare_input {prepare_input} not found: the prepare.py row will be skipped")
+        measure_prepare = False
     tr = bench_training(ctx, use_compile)
     print_training(tr)
     mlp = bench_mlp(ctx)
     print_mlp(mlp)
     dec = bench_decoding(ctx)
     print_decoding(dec)
-    prep = bench_prepare() if prepare_tokens > 0 and prepare_input else None
+    prep = bench_prepare() if measure_prepare else None
     if prep:
         print(f"\nprepare.py: {prep['tokens']:,} tokens read, tokenized and written to shards: "
               f"{prep['tokens_per_s'] / 1e6:.2f}M tokens/s")

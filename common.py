@@ -7,6 +7,7 @@ import ctypes
 import functools
 import glob
 import os
+import re
 import tempfile
 
 import numpy as np
@@ -202,12 +203,22 @@ def resolve_device(device):
     return device
 
 
+def native_bf16(capability):
+    """Whether a GPU of this compute capability (major, minor) computes in bf16 natively: Ampere
+    (8.0) and later. Older ones (V100 7.0, T4 7.5) only emulate it, slowly, though
+    torch.cuda.is_bf16_supported() says True there."""
+    return tuple(capability) >= (8, 0)
+
+
 def resolve_dtype(dtype, device):
-    """'auto' is bf16 on a GPU that supports it, fp32 elsewhere."""
+    """'auto' is bf16 on a GPU that computes in it natively, float16 (with a GradScaler in
+    train.py) on an older GPU, fp32 on the CPU."""
     import torch
     if dtype == "auto":
-        cuda_bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
-        dtype = "bfloat16" if cuda_bf16 else "float32"
+        if not device.startswith("cuda"):
+            dtype = "float32"
+        else:
+            dtype = "bfloat16" if native_bf16(torch.cuda.get_device_capability(device)) else "float16"
     if dtype not in ("float32", "bfloat16", "float16"):
         die(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
     return dtype
@@ -221,9 +232,20 @@ def autocast(device, dtype):
     return torch.autocast(device_type="cuda", dtype=getattr(torch, dtype))
 
 
-# dense bf16 tensor-core peak FLOP/s by GPU name (no sparsity), for model FLOPs utilisation
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
-                   "A10": 125e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12}
+# Dense (no sparsity) bf16 tensor-core peak FLOP/s (fp16 for the V100, which has no bf16), for
+# model FLOPs utilisation. A row matches when every one of its words is a word of the device
+# name, as torch.cuda.get_device_name spells it ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"):
+# whole words, so "L4" is not found in "L40S". The first matching row wins, so a variant (NVL,
+# PCIe) comes before its family; a name no row matches gets no MFU rather than a wrong one.
+PEAK_FLOPS = ((("H100", "NVL"), 835e12), (("H100", "PCIE"), 756e12), (("H100",), 989e12),
+              (("H200", "NVL"), 835e12), (("H200",), 989e12), (("A100",), 312e12),
+              (("L40S",), 362e12), (("L40",), 181e12), (("L4",), 121e12), (("A10",), 125e12),
+              (("RTX", "4090"), 165e12), (("RTX", "3090"), 71e12), (("V100",), 125e12))
+
+
+def gpu_peak_flops(name):
+    words = set(re.split(r"[\s_-]+", name.upper()))
+    return next((peak for needed, peak in PEAK_FLOPS if words.issuperset(needed)), None)
 
 
 def peak_flops(device):
@@ -231,5 +253,4 @@ def peak_flops(device):
     import torch
     if not str(device).startswith("cuda"):
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    return gpu_peak_flops(torch.cuda.get_device_name(device))

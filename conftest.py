@@ -23,18 +23,23 @@ import pytest
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# the files the tests read: tiktoken_cache/ (GPT-2's tokenizer) and data/ (a FineWeb-Edu sample),
+# in ../shared beside the repository, or where TOPK_TEST_FILES says (.ci/gpu sets it)
+FILES = os.environ.get("TOPK_TEST_FILES") or os.path.join(HERE, "..", "shared")
 # tiktoken reads TIKTOKEN_CACHE_DIR relative to the working directory, and tests start scripts in
-# temporary folders: make it absolute (default: the cached GPT-2 files in ../shared)
+# temporary folders: make it absolute
 os.environ["TIKTOKEN_CACHE_DIR"] = os.path.abspath(
-    os.environ.get("TIKTOKEN_CACHE_DIR") or os.path.join(HERE, "..", "shared", "tiktoken_cache"))
+    os.environ.get("TIKTOKEN_CACHE_DIR") or os.path.join(FILES, "tiktoken_cache"))
 # one thread per process: the models here are too small to gain from more, and on a busy 2-core
 # machine threads waiting for each other make them several times slower
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-FINEWEB_SAMPLE = os.path.join(HERE, "..", "shared", "data", "fineweb-edu-sample-150.parquet")  # 150 real documents
+FINEWEB_SAMPLE = os.path.join(FILES, "data", "fineweb-edu-sample-150.parquet")  # 150 real documents
 
 from common import EOT, encode, save_checkpoint, write_shard  # noqa: E402 (after the tokenizer's folder is set)
 from model import GPT, GPTConfig  # noqa: E402
 
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]  # a test on both, the CUDA case where a GPU is
 TINY = dict(block_size=32, vocab_size=50304, n_layer=3, n_head=2, n_embd=32, topk=8, n_nontopk=1)
 TINY_DENSE = dict(block_size=16, vocab_size=512, n_layer=2, n_embd=16, topk=0, n_nontopk=0)  # for dictionaries
 WORDS = {'work': 'job office salary manager boss desk'.split(), 'food': 'soup bread oven salt butter rice'.split()}
@@ -160,7 +165,7 @@ def copied_runs(tiny_runs, tmp_path):
 # and DDP cover both; ckpt.pt is saved at iterations 2 and 4, the ckpt_{iter}.pt series at 0, 2, 4
 TRAIN = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=2",
          "--gradient_accumulation_steps=2", "--topk=8", "--n_nontopk=1", "--dropout=0.1",
-         "--max_iters=4", "--eval_interval=2", "--eval_iters=1", "--log_interval=1", "--ckpt_interval=2",
+         "--max_iters=4", "--eval_interval=2", "--eval_iters=3", "--log_interval=1", "--ckpt_interval=2",
          "--warmup_iters=1", "--lr_decay_iters=4", "--annealing_ratio=0.5", "--learning_rate=1e-3",
          "--device=cpu", "--dtype=float32", "--compile=False"]
 
@@ -212,6 +217,20 @@ def train_runs(data, train, tmp_path_factory):
 def reference(train_runs):
     """The uninterrupted single-process run."""
     return train_runs["uninterrupted"]
+
+
+def saved_sizes(forward):
+    """The number of elements of every tensor that forward() saves for the backward, weights aside."""
+    sizes = []
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter):
+            sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sizes
 
 
 def sha256(path):

@@ -61,9 +61,19 @@ class TopK(nn.Module):
         self.k = k
         # a tensor, not a float: changing it every step must not make torch.compile recompile
         self.register_buffer("alpha", torch.tensor(0.0), persistent=False)
+        self.annealed = True  # alpha == 0, kept as a Python bool so no forward reads alpha back
+
+    def set_alpha(self, alpha):
+        self.alpha.fill_(alpha)
+        self.annealed = alpha == 0  # torch.compile guards on it: one recompile, when annealing ends
 
     def forward(self, x):
-        m = torch.zeros_like(x).scatter_(-1, x.topk(self.k, dim=-1).indices, 1.0)
+        top = x.topk(self.k, dim=-1)
+        if self.annealed:
+            # the same numbers as the formula at alpha = 0, but the backward saves only the k
+            # indices and values per token, not the d_ff-wide x, mask and product
+            return torch.zeros_like(x).scatter(-1, top.indices, F.gelu(top.values))
+        m = torch.zeros_like(x).scatter_(-1, top.indices, 1.0)
         return F.gelu(x) * (self.alpha + (1 - self.alpha) * m)
 
 
@@ -185,7 +195,7 @@ class GPT(nn.Module):
         """1 = dense GELU, 0 = exactly k neurons per token, on every TopK block."""
         for m in self.modules():
             if isinstance(m, TopK):
-                m.alpha.fill_(alpha)
+                m.set_alpha(alpha)
 
     def get_num_params(self, non_embedding=True):
         n = sum(p.numel() for p in self.parameters())
@@ -259,7 +269,7 @@ class GPT(nn.Module):
 def load_model(path, device="cpu"):
     """A trained model ready for inference: eval mode, alpha = 0 (fully sparse).
     path is an out_dir (its ckpt.pt) or a checkpoint file. Returns (model, checkpoint)."""
-    checkpoint = load_checkpoint(path, device)
+    checkpoint = load_checkpoint(path, "cpu")  # on the CPU first: the optimizer state is never sent to a GPU
     try:
         model = GPT(GPTConfig(**checkpoint["model_args"]))
         model.load_state_dict(checkpoint["model"])

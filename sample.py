@@ -18,7 +18,7 @@ temperature = 0.8  # < 1 sharper, > 1 more random; 0 = greedy
 top_k = 200  # sample among the top_k most likely tokens; 0 = all
 seed = 1337
 device = 'auto'  # 'auto', 'cpu', 'cuda', ...
-dtype = 'auto'  # 'auto' (bfloat16 on CUDA, float32 on CPU), 'float32', 'bfloat16'
+dtype = 'auto'  # 'auto' (bfloat16 on GPUs that compute in it natively, float16 on older ones, float32 on CPU), 'float32', 'bfloat16', 'float16'
 # -----------------------------------------------------------------------------
 configure(globals())
 if max_new_tokens < 1:

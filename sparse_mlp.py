@@ -52,14 +52,14 @@ def _hooked(module):
 def applies(mlp, x):
     """Whether the MLP of a TopK block may take the sparse path on input x. Hooks on its
     modules read or steer tensors this path never builds (the dense activation: steering, neuron
-    analysis), so they force the reference. The device test comes first, so a CUDA model never
-    reads alpha back to the host (a sync, and a graph break under torch.compile)."""
+    analysis), so they force the reference. alpha = 0 is read from the Python flag TopK keeps,
+    never from the alpha tensor (a read-back would sync, and break a torch.compile graph)."""
     return (enabled and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
             and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
             and not any(map(_hooked, (mlp.c_fc, mlp.act, mlp.c_proj)))
             and not (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
                      or nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks)
-            and mlp.act.alpha.item() == 0)
+            and mlp.act.annealed)
 
 
 @contextlib.contextmanager

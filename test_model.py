@@ -7,11 +7,13 @@ import math
 
 import pytest
 import torch
+import torch._dynamo
+from torch._dynamo.testing import CompileCounter
 from torch.nn import functional as F
 
 import toy_corpus
 from common import EOT, encode
-from conftest import TINY
+from conftest import DEVICES, TINY, needs_cuda, saved_sizes
 from model import GPT, GPTConfig, TopK
 
 SMALL_VOCAB = dict(vocab_size=128)  # conftest's tiny model with a small vocabulary
@@ -24,33 +26,60 @@ SMALL_VOCAB = dict(vocab_size=128)  # conftest's tiny model with a small vocabul
 def test_alpha_0_keeps_exactly_the_topk_preactivations_with_gelu_values():
     torch.manual_seed(0)
     act, x = TopK(k=5), torch.randn(4, 7, 40)
-    act.alpha.fill_(0.0)
+    act.set_alpha(0.0)
     y = act(x)
     assert ((y != 0).sum(-1) == 5).all()
     kept = x.topk(5, dim=-1).indices
     assert torch.equal(y.gather(-1, kept), F.gelu(x.gather(-1, kept)))
 
 
-def test_alpha_0_keeps_exactly_k_even_when_values_tie():
-    act = TopK(k=3)
-    x = torch.ones(2, 10, dtype=torch.bfloat16)  # every entry ties for the k-th place
+@pytest.mark.parametrize("device", DEVICES)
+def test_alpha_0_keeps_exactly_k_even_when_values_tie(device):
+    act = TopK(k=3).to(device)
+    x = torch.ones(2, 10, dtype=torch.bfloat16, device=device)  # every entry ties for the k-th place
     assert ((act(x) != 0).sum(-1) == 3).all()
 
 
 def test_alpha_1_is_the_dense_gelu():
     act, x = TopK(k=2), torch.randn(3, 16)
-    act.alpha.fill_(1.0)
+    act.set_alpha(1.0)
     assert torch.equal(act(x), F.gelu(x))
 
 
 def test_intermediate_alpha_follows_the_formula():
     torch.manual_seed(1)
     act, x, k, alpha = TopK(k=4), torch.randn(5, 24), 4, 0.5
-    act.alpha.fill_(alpha)
+    act.set_alpha(alpha)
     in_topk = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, x.topk(k, dim=-1).indices, True)
     # y = alpha * f(x) + (1 - alpha) * (f(x) on the top-k entries, 0 elsewhere)
     expected = alpha * F.gelu(x) + (1 - alpha) * torch.where(in_topk, F.gelu(x), torch.zeros_like(x))
     torch.testing.assert_close(act(x), expected)
+
+
+def formula(x, k, alpha):
+    """The paper's y = gelu(x) * (alpha + (1 - alpha) * m), m from topk indices, as a reference."""
+    m = torch.zeros_like(x).scatter_(-1, x.topk(k, dim=-1).indices, 1.0)
+    return F.gelu(x) * (alpha + (1 - alpha) * m)
+
+
+def test_alpha_0_takes_a_lean_path_with_the_formulas_outputs_and_gradients_even_on_ties():
+    torch.manual_seed(2)
+    x = torch.randint(-2, 3, (6, 40)).float().requires_grad_()  # five values: ties at every k-th place
+    g = torch.randn(6, 40)
+    act = TopK(k=7)
+    act.set_alpha(0.0)
+    assert act.annealed
+    (y,), (ref,) = (torch.autograd.grad(f(x), x, g) for f in (act, lambda x: formula(x, 7, 0.0)))
+    assert torch.equal(act(x), formula(x, 7, 0.0)) and torch.equal(y, ref)
+
+
+def test_the_lean_path_saves_only_k_values_per_token_for_the_backward():
+    x = torch.randn(8, 512, requires_grad=True)
+    act = TopK(k=16)
+    act.set_alpha(1e-3)  # annealing: the formula's d_ff-wide tensors
+    assert not act.annealed and sum(saved_sizes(lambda: act(x))) >= 2 * x.numel()
+    act.set_alpha(0.0)
+    assert sum(saved_sizes(lambda: act(x))) <= 3 * 8 * 16  # indices and values of the k kept
 
 
 def test_alpha_0_gives_gradient_only_to_the_selected_neurons():
@@ -174,11 +203,96 @@ def test_impossible_configurations_fail_at_construction(bad, message):
     assert message in str(e.value)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("topk", [0, 7])
-def test_kv_cache_equals_no_cache(tiny_model, topk):
-    model = tiny_model(**SMALL_VOCAB, block_size=16, topk=topk)
-    prompt = torch.randint(128, (2, 6), generator=torch.Generator().manual_seed(2))
+def test_kv_cache_equals_no_cache(tiny_model, topk, device):
+    model = tiny_model(**SMALL_VOCAB, block_size=16, topk=topk).to(device)  # fp32: no rounding to part greedy paths
+    prompt = torch.randint(128, (2, 6), generator=torch.Generator().manual_seed(2)).to(device)
     # 6 + 24 tokens runs past block_size 16, where the cache is dropped and rebuilt
     cached = model.generate(prompt, 24, temperature=0, use_cache=True)
     uncached = model.generate(prompt, 24, temperature=0, use_cache=False)
     assert cached.shape == (2, 30) and torch.equal(cached, uncached)
+
+
+# -----------------------------------------------------------------------------
+# torch.compile, as train.py --compile uses it on CUDA, here with inductor's CPU backend (or, where
+# only what dynamo traces matters, a backend that counts the graphs it is given)
+
+
+def compile_case(tiny_model, device="cpu"):
+    model = tiny_model(n_layer=1, n_nontopk=0, vocab_size=128, block_size=16).train().to(device)
+    gen = torch.Generator().manual_seed(0)
+    return model, *(torch.randint(0, 128, (2, 16), generator=gen).to(device) for _ in range(2))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_loss_and_gradients_equal_eager_while_annealing_and_after(tiny_model, device):
+    model, x, y = compile_case(tiny_model, device)
+    compiled = torch.compile(model)
+    for alpha in (1.0, 0.3, 0.0):  # the last takes the lean path, a second graph
+        model.set_alpha(alpha)
+        results = []
+        for m in (model, compiled):
+            model.zero_grad()
+            _, loss = m(x, y)
+            loss.backward()
+            results.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
+        for eager, comp in zip(*results):
+            torch.testing.assert_close(comp, eager, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_alpha_changing_every_step_compiles_once_and_the_end_of_annealing_once_more(tiny_model, device):
+    model, x, y = compile_case(tiny_model, device)
+    graphs = CompileCounter()
+    compiled = torch.compile(model, backend=graphs)
+    for alpha in (1.0, 0.8, 0.5, 0.1):
+        model.set_alpha(alpha)
+        compiled(x, y)[1].backward()
+    assert graphs.frame_count == 1
+    model.set_alpha(0.0)
+    for _ in range(2):
+        compiled(x, y)[1].backward()
+    assert graphs.frame_count == 2
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.0])
+def test_the_model_compiles_to_one_graph_without_breaks(tiny_model, alpha):
+    model, x, y = compile_case(tiny_model)
+    model.set_alpha(alpha)
+    explained = torch._dynamo.explain(model)(x, y)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_evaluation_between_training_steps_compiles_its_graph_once(tiny_model):
+    model, x, y = compile_case(tiny_model)
+    graphs = CompileCounter()
+    compiled = torch.compile(model, backend=graphs)
+    for _ in range(3):  # train.py's loop: steps, and now and then estimate_loss in eval mode, no_grad
+        model.train()
+        compiled(x, y)[1].backward()
+        model.eval()
+        with torch.no_grad():
+            compiled(x, y)
+    assert graphs.frame_count == 2  # one training graph, one evaluation graph
+
+
+# -----------------------------------------------------------------------------
+# CUDA only: what a GPU run depends on and the CPU cannot show (skipped without a GPU)
+
+
+@needs_cuda
+def test_training_attention_runs_on_the_flash_kernel():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    model = GPT(GPTConfig(n_layer=1, n_head=16, n_embd=1024, block_size=1024, vocab_size=512, topk=64,
+                          n_nontopk=0, dropout=0.1)).cuda().train()
+    x = torch.randint(0, 512, (2, 1024), device="cuda")
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), torch.autocast("cuda", dtype=torch.bfloat16):
+        _, loss = model(x, x)  # raises "No available kernel" if flash cannot take these shapes
+    loss.backward()
+
+
+@needs_cuda
+def test_cuda_optimizer_is_fused_adamw(tiny_model):
+    opt = tiny_model().cuda().configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cuda")
+    assert all(group["fused"] for group in opt.param_groups)

@@ -174,6 +174,15 @@ def test_two_processes_give_the_losses_of_one_process_accumulating_the_same_batc
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)
 
 
+def test_two_processes_share_the_evaluation_and_report_the_losses_of_one(train_runs):
+    """eval_iters=3 batches on two ranks: rank 0 takes two, rank 1 one, and their sums are added."""
+    two, one = train_runs["two processes"], train_runs["uninterrupted"]
+    evals = lambda run: re.findall(r"^step \d+: .*$", run.stdout, re.M)
+    assert len(evals(one)) == 2 and evals(two) == evals(one)
+    best = [torch.load(run.out / "ckpt.pt", weights_only=True)["best_val_loss"] for run in (two, one)]
+    assert abs(best[0] - best[1]) <= 1e-6, best
+
+
 # -----------------------------------------------------------------------------
 # fault tolerance: torchrun --max_restarts restarts every process of a job when one dies, and
 # with --init_from=auto they resume from out_dir/ckpt.pt

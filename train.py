@@ -60,7 +60,7 @@ min_lr = 6e-5  # usually learning_rate / 10
 # system
 backend = 'auto'  # DDP backend: 'auto' = nccl on CUDA, gloo on CPU
 device = 'auto'  # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', 'mps'
-dtype = 'auto'  # 'auto' (bfloat16 on CUDA, float32 on CPU), 'float32', 'bfloat16', 'float16'
+dtype = 'auto'  # 'auto' (bfloat16 on GPUs that compute in it natively, float16 + loss scaling on older ones, float32 on CPU), 'float32', 'bfloat16', 'float16'
 compile = True  # torch.compile the model (used on CUDA only: on CPU compile time outweighs gains)
 # -----------------------------------------------------------------------------
 config = configure(globals())
@@ -113,10 +113,9 @@ def batch_at(split, starts):
     """Sequences starting at the given (shard, offset) pairs: inputs x and next-token targets y."""
     rows = [torch.from_numpy(splits[split][s][o:o + block_size + 1].astype(np.int64)) for s, o in starts]
     xy = torch.stack(rows)
-    x, y = xy[:, :-1], xy[:, 1:]
-    if device_type == 'cuda':  # pinned memory lets the copy overlap with compute
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
+    # on CUDA one copy, from pinned memory, that overlaps with compute; x and y are views of it
+    xy = xy.pin_memory().to(device, non_blocking=True) if device_type == 'cuda' else xy.to(device)
+    return xy[:, :-1], xy[:, 1:]
 
 
 def random_starts(split, rng, n):
@@ -138,19 +137,22 @@ def get_batch(it, micro):
 
 @torch.no_grad()
 def estimate_loss():
-    """Mean loss on fixed positions: the same eval_iters batches at every evaluation."""
-    out = {}
+    """Mean loss on fixed positions: the same eval_iters batches at every evaluation, shared among
+    the processes (batch i on rank i % world_size). Losses add up on the device, and one all_reduce
+    and one read-back per evaluation replace a sync per batch."""
+    sums = torch.zeros(2, device=device)
     eval_model.eval()
-    for split in ('train', 'val'):
+    for n, split in enumerate(('train', 'val')):
         starts = random_starts(split, np.random.default_rng([seed, 2**31 - 1]), eval_iters * batch_size)
-        losses = torch.zeros(eval_iters)
-        for i in range(eval_iters):
+        for i in range(rank, eval_iters, world_size):
             with ctx:
                 _, loss = eval_model(*batch_at(split, starts[i * batch_size:(i + 1) * batch_size]))
-            losses[i] = loss.item()
-        out[split] = losses.mean().item()
+            sums[n] += loss.float()
     eval_model.train()
-    return out
+    if ddp:
+        dist.all_reduce(sums)
+    train_loss, val_loss = (sums / eval_iters).tolist()
+    return {'train': train_loss, 'val': val_loss}
 
 
 # -----------------------------------------------------------------------------
@@ -192,7 +194,7 @@ if checkpoint is not None:
 raw_model = model
 if compile and device_type == 'cuda':
     model = torch.compile(model)
-eval_model = model  # evaluation runs on rank 0 alone, so never through DDP's collectives
+eval_model = model  # every rank evaluates its share of the batches, outside DDP's gradient hooks
 if ddp:  # alpha is set alike on every rank: no buffers to broadcast
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None, broadcast_buffers=False)
 
@@ -235,15 +237,16 @@ while True:
     raw_model.set_alpha(alpha)
 
     resumed_here = init_from == 'resume' and iter_num == start_iter  # this state is already on disk
-    if master and (iter_num % eval_interval == 0 and not resumed_here and iter_num > 0 or iter_num == end_iter):
+    if iter_num % eval_interval == 0 and not resumed_here and iter_num > 0 or iter_num == end_iter:
         t_eval = time.time()
         losses = estimate_loss()
         if not math.isfinite(losses['val']):
             die(f"validation loss is {losses['val']} at iteration {iter_num}; not saving over the last good checkpoint in {out_dir}")
         best_val_loss = min(best_val_loss, losses['val'])
-        print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
-              f"val ppl {math.exp(losses['val']):.2f}", flush=True)
-        save(os.path.join(out_dir, 'ckpt.pt'), full=True)
+        if master:
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
+                  f"val ppl {math.exp(losses['val']):.2f}", flush=True)
+            save(os.path.join(out_dir, 'ckpt.pt'), full=True)
         t0 += time.time() - t_eval  # tokens/s counts training time only
     snapshot_due = master and ckpt_interval > 0 and iter_num % ckpt_interval == 0 and not resumed_here
     snapshot = os.path.join(out_dir, f'ckpt_{iter_num:06d}.pt')
