@@ -6,11 +6,12 @@ TopK mask, alpha = 0) and compare with unsteered samples drawn with the same see
     python steer.py --out_dir=out-toy --concept="job office salary manager career boss"
 
 --concept finds the neuron with search.py: candidates from what neurons read, predict and write,
-ranked by a steering trial; the --n_finalists best are each sampled here at every strength. Hit
-rate: the fraction of samples whose continuation holds a concept word (whole word, any case).
-Fluency: each continuation's perplexity under the unsteered model, averaged. Without --scale or
---value the strength is swept over --scales (and --refine more strengths where fluency breaks),
-keeping the best hit rate within --max_ppl_ratio x the baseline's perplexity. The last output
+ranked by a steering trial; the --n_finalists best are each swept here. Hit rate: the fraction
+of samples whose continuation holds a concept word (whole word, any case). Fluency: each
+continuation's perplexity under the unsteered model, averaged. Without --scale or --value the
+strength is swept over --scales from the weakest up to the first past --max_ppl_ratio x the
+baseline's perplexity (all of them with --full_sweep=True), then --refine more strengths are tried
+by bisection where fluency breaks; the best hit rate within the bound is kept. The last output
 line is one JSON object. steer_concept() is the same search and sweep as a call (sae.py uses it).
 """
 import json
@@ -44,7 +45,8 @@ value = float('nan')  # the activation to set, absolute; nan = a multiple of the
 scale = float('nan')  # strength as a multiple of the neuron's max on evaluation data; nan = sweep --scales
 scales = ','.join(map(str, SCALES))  # the strengths swept when neither --scale nor --value is given
 max_ppl_ratio = 2.0  # the sweep keeps strengths whose steered perplexity is at most this times the baseline's
-refine = 0  # with a sweep: strengths tried by bisection where fluency breaks, between the grid's last fluent scale and the next
+refine = 3  # with a sweep: strengths tried by bisection where fluency breaks, between the last fluent scale and the next
+full_sweep = False  # with a sweep: sample every scale; False stops at the first scale past the fluency bound
 plot = False  # with a sweep: write hit rate and perplexity against scale to OUT_DIR/analysis/steering_L_J.png
 prompts = '|'.join(PROMPTS)  # neutral prompts, separated by |
 num_samples = 10  # samples per prompt, baseline and steered each
@@ -56,7 +58,7 @@ eval_data = ''  # data dir (val shards) or .txt file to find the neuron / its ma
 eval_tokens = 32768  # evaluation tokens for --concept and --scale
 top_m = 32  # top-activating positions kept per neuron
 candidates = 6  # with --concept: the best neurons of each layer by each signal, tried by steering
-n_finalists = 3  # with --concept: the candidates sampled at every strength: each layer's best by the trial, then the next best
+n_finalists = 4  # with --concept: the candidates swept: each layer's best by the trial, then the next best
 batch_size = 16  # sequences per forward pass on evaluation data
 dictionary = ''  # an SAE or transcoder file from sae.py: steer its latents (in place of its layer's neurons)
 device = 'auto'
@@ -117,20 +119,26 @@ def pick_scale(sweep, baseline_ppl, max_ratio=2.0):
     return max(fluent, key=lambda r: (r['hit_rate'], -r['scale']))
 
 
-def steer_and_score(model, layer, neuron, strengths, peak, prompt_ids, pattern, settings, refine=0, max_ratio=2.0):
+def steer_and_score(model, layer, neuron, strengths, peak, prompt_ids, pattern, settings, refine=0, max_ratio=2.0,
+                    full_sweep=True):
     """Baseline and one steered set per strength (a multiple of peak, or absolute if peak is
     None): (quality() of the baseline, [the same plus 'scale', 'value'] per strength, by scale).
-    settings: num_samples, max_new_tokens, temperature, top_k, seed. With refine, that many more
-    strengths are tried by bisection between the last fluent strength of the grid (perplexity
-    within max_ratio of the baseline's) and the first one above it that is not: fluency breaks
-    somewhere in that gap, and the hit rate is usually best just before it does."""
+    settings: num_samples, max_new_tokens, temperature, top_k, seed. Without full_sweep the
+    strengths are tried from the weakest up to the first that is not fluent (perplexity beyond
+    max_ratio x the baseline's): stronger ones break fluency further. With refine, that many more
+    strengths are tried by bisection between the last fluent strength and the next one, which is
+    not: fluency breaks somewhere in that gap, and the hit rate is usually best just before it does."""
     def row(s):  # sampled with the neuron set to v, scored without (fluency under the unsteered model)
         v = s * peak if peak is not None else s
         return dict(scale=s, value=v, **quality(model, prompt_ids, sample_continuations(
             model, prompt_ids, layer, neuron, v, **settings), pattern))
     base = quality(model, prompt_ids, sample_continuations(model, prompt_ids, layer, neuron, None, **settings), pattern)
-    sweep = sorted((row(s) for s in strengths), key=lambda r: r['scale'])
     fluent = lambda r: r['ppl'] <= max_ratio * base['ppl']
+    sweep = []  # every row is sampled from its own seeds, so the order they are sampled in changes no row
+    for s in sorted(strengths):
+        sweep.append(row(s))
+        if not full_sweep and not fluent(sweep[-1]):
+            break
     for _ in range(refine):
         gap = fluency_gap(sweep, fluent)
         if gap is None:
@@ -148,16 +156,17 @@ def fluency_gap(sweep, fluent):
     return None
 
 
-def steer_finalists(model, finalists, strengths, prompt_ids, pattern, settings, max_ratio=2.0, refine=0):
-    """Each finalist ({layer, neuron, peak}) steered at every strength beside its own baseline
-    (and refine more strengths, see steer_and_score); pick_scale keeps one row of each, and the
+def steer_finalists(model, finalists, strengths, prompt_ids, pattern, settings, max_ratio=2.0, refine=0,
+                    full_sweep=True):
+    """Each finalist ({layer, neuron, peak}) steered at the strengths beside its own baseline
+    (see steer_and_score for refine and full_sweep); pick_scale keeps one row of each, and the
     winner is the finalist whose kept row is fluent (perplexity within max_ratio of its
     baseline's) with the best hit rate, the earlier on a tie.
     Returns ([(finalist, baseline, sweep, kept)], index of the winner)."""
     results = []
     for f in finalists:
         base, sweep = steer_and_score(model, f['layer'], f['neuron'], strengths, f['peak'], prompt_ids, pattern,
-                                      settings, refine, max_ratio)
+                                      settings, refine, max_ratio, full_sweep)
         results.append((f, base, sweep, pick_scale(sweep, base['ppl'], max_ratio)))
     return results, pick_finalist([(base, kept) for _, base, _, kept in results], max_ratio)
 
@@ -172,8 +181,8 @@ def pick_finalist(pairs, max_ratio=2.0):
 
 
 def steer_concept(model, tokens, words, layers, prompts=PROMPTS, scales=SCALES, num_samples=10, max_new_tokens=60,
-                  temperature=0.8, top_k=200, seed=1337, top_m=32, candidates=6, n_finalists=3, max_ppl_ratio=2.0,
-                  refine=0, batch_size=16):
+                  temperature=0.8, top_k=200, seed=1337, top_m=32, candidates=6, n_finalists=4, max_ppl_ratio=2.0,
+                  refine=3, full_sweep=False, batch_size=16):
     """What `python steer.py --concept=WORDS` does, as a call with the same defaults: the concept
     search over `layers` on the evaluation tokens, then every finalist swept over the scales.
     Returns the winner's (finalist, baseline quality, sweep, kept row), as steer_finalists()."""
@@ -183,7 +192,7 @@ def steer_concept(model, tokens, words, layers, prompts=PROMPTS, scales=SCALES, 
     settings = dict(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
                     top_k=top_k, seed=seed)
     results, win = steer_finalists(model, finalists, list(scales), [encode_prompt(p) for p in prompts],
-                                   hit_pattern(words), settings, max_ppl_ratio, refine)
+                                   hit_pattern(words), settings, max_ppl_ratio, refine, full_sweep)
     return results[win]
 
 
@@ -324,7 +333,8 @@ def main():
     settings = dict(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
                     top_k=top_k, seed=seed)
     pattern = hit_pattern(words) if words else None
-    results, win = steer_finalists(model, finalists, strengths, prompt_ids, pattern, settings, max_ppl_ratio, refine)
+    results, win = steer_finalists(model, finalists, strengths, prompt_ids, pattern, settings, max_ppl_ratio, refine,
+                                   full_sweep)
     best, base, sweep, kept = results[win]
     report_sweeps(results, win, absolute, pattern is not None)
     if stats is not None:

@@ -69,7 +69,7 @@ def test_steer_concept_has_the_command_lines_defaults():
     flags = {'prompts': steer.prompts.split('|'), 'scales': [float(s) for s in steer.scales.split(',')],
              **{k: getattr(steer, k) for k in ('num_samples', 'max_new_tokens', 'temperature', 'top_k', 'seed',
                                                'top_m', 'candidates', 'n_finalists', 'max_ppl_ratio', 'refine',
-                                               'batch_size')}}
+                                               'full_sweep', 'batch_size')}}
     defaults = {k: p.default for k, p in inspect.signature(steer.steer_concept).parameters.items()
                 if p.default is not inspect.Parameter.empty}
     assert {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()} == flags
@@ -88,10 +88,12 @@ def test_steer_searches_a_concept_and_sweeps_the_strength_end_to_end(copied_runs
     result = json.loads(lines[-1])
     assert {'layer', 'neuron', 'value', 'baseline_hit_rate', 'steered_hit_rate', 'baseline_ppl', 'steered_ppl',
             'scale', 'signals', 'sweep', 'finalists'} == set(result)
-    assert len(result['finalists']) == 3 and f"{result['layer']}:{result['neuron']}" in result['finalists']
+    assert len(result['finalists']) == 4 and f"{result['layer']}:{result['neuron']}" in result['finalists']
     assert result['layer'] in (0, 1)  # a TopK layer
     assert (4 * result['baseline_hit_rate']).is_integer()  # hits among 2 prompts x 2 samples
-    assert [s['scale'] for s in result['sweep']] == [1, 3] and result['scale'] in (1, 3)
+    scales = [s['scale'] for s in result['sweep']]  # the grid 1, 3 (3 unless 1 broke fluency), bisections between
+    assert scales[0] == 1 and scales == sorted(scales) and all(1 < s <= 3 for s in scales[1:])
+    assert result['scale'] in scales
     kept = next(s for s in result['sweep'] if s['scale'] == result['scale'])
     assert (kept['hit_rate'], kept['ppl']) == (result['steered_hit_rate'], result['steered_ppl'])
     assert set(result['signals']) <= {'reads', 'predicts', 'writes'} and result['signals']
@@ -115,15 +117,22 @@ def test_the_chosen_line_names_the_neuron_and_strength_when_none_is_fluent(tiny_
                       "the most fluent")
 
 
+def planted_neuron(model, j=17):
+    """Neuron j of layer 1 made to push the residual stream towards ' salary' and never fire by
+    itself; (model, j)."""
+    X = encode(' salary')[0]
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_proj.weight[:, j] = F.normalize(model.lm_head.weight[X], dim=0)
+        model.transformer.h[1].mlp.c_fc.bias[j] = -100.0
+        model.transformer.ln_f.weight *= 50  # confident logits: a small push flips no greedy token
+    return model, j
+
+
 def test_refinement_bisects_between_the_grid_points_that_bracket_the_fluency_bound(tiny_model):
     """Greedy decoding makes the planted neuron's effect known: a steered continuation is the
     baseline's, at exactly the baseline's perplexity, until the value is large enough to flip a
     token. With max_ratio 1 + 1e-6 that flip is where fluency breaks, and bisection closes in on it."""
-    model, j, X = tiny_model(), 17, encode(' salary')[0]
-    with torch.no_grad():  # steering the neuron pushes the residual stream towards X's unembedding
-        model.transformer.h[1].mlp.c_proj.weight[:, j] = F.normalize(model.lm_head.weight[X], dim=0)
-        model.transformer.h[1].mlp.c_fc.bias[j] = -100.0  # and it never fires by itself
-        model.transformer.ln_f.weight *= 50  # confident logits: a small push flips no greedy token
+    model, j = planted_neuron(tiny_model())
     prompt_ids = [[EOT] + encode(' Anna saw')]
     settings = dict(num_samples=1, max_new_tokens=6, temperature=0, top_k=0, seed=0)
     base, sweep = steer.steer_and_score(model, 1, j, [1e-4, 50.0], None, prompt_ids, None, settings, refine=4,
@@ -138,3 +147,16 @@ def test_refinement_bisects_between_the_grid_points_that_bracket_the_fluency_bou
     for r in sweep:  # fluent exactly where greedy decoding is unchanged
         assert (r in fluent) == torch.equal(r['continuations'][0], base['continuations'][0])
     assert steer.pick_scale(sweep, base['ppl'], 1 + 1e-6)['scale'] == lo  # no concept: the strongest fluent
+
+
+def test_the_sweep_stops_at_the_first_strength_past_the_fluency_bound_unless_asked_for_all(tiny_model):
+    """The planted neuron of the test above: 1e-4 leaves greedy decoding unchanged, 50 flips tokens."""
+    model, j = planted_neuron(tiny_model())
+    prompt_ids = [[EOT] + encode(' Anna saw')]
+    settings = dict(num_samples=1, max_new_tokens=6, temperature=0, top_k=0, seed=0)
+    grid = [100.0, 1e-4, 50.0]  # in any order: tried from the weakest up
+    _, stopped = steer.steer_and_score(model, 1, j, grid, None, prompt_ids, None, settings, max_ratio=1 + 1e-6,
+                                       full_sweep=False)
+    _, full = steer.steer_and_score(model, 1, j, grid, None, prompt_ids, None, settings, max_ratio=1 + 1e-6)
+    assert [r['scale'] for r in stopped] == [1e-4, 50.0] and [r['scale'] for r in full] == [1e-4, 50.0, 100.0]
+    assert [r['ppl'] for r in stopped] == [r['ppl'] for r in full[:2]]  # the same rows, one fewer sampled
