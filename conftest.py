@@ -7,16 +7,20 @@ them before writing):
                  saves them (ckpt_{iter}.pt series and ckpt.pt): for steer, analysis, entropy, sae
     train_runs   train.py itself, uninterrupted, stopped and resumed, and on two gloo processes:
                  for test_train.py and test_errors.py
+
+and .ci/gpu's CPU dry run, started in the background as soon as its test is collected.
 """
 import collections
 import concurrent.futures
 import hashlib
 import os
+import pathlib
 import random
 import runpy
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -251,3 +255,40 @@ def fingerprint(folder):
             st = os.stat(path)
             out[os.path.relpath(path, folder)] = (st.st_size, st.st_ino, st.st_mtime_ns, sha256(path))
     return out
+
+
+# -----------------------------------------------------------------------------
+# .ci/gpu's dry run takes about 40 s of one core, all in processes of its own, and needs nothing
+# the other tests make. It starts when the tests are collected and its test is moved to the end,
+# so that it runs beside them on the core that most of them, single-threaded, leave idle.
+
+GPU_DRY_RUN = "test_the_gpu_checks_dry_run_passes_every_step_and_summarises_it"
+BACKGROUND = {}
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.name == GPU_DRY_RUN)  # a stable sort: the rest keep their order
+
+
+def pytest_collection_finish(session):
+    if any(item.name == GPU_DRY_RUN for item in session.items):
+        out = tempfile.mkdtemp(prefix="gpu_dry_run_")
+        BACKGROUND[GPU_DRY_RUN] = out, subprocess.Popen(
+            [sys.executable, os.path.join(HERE, ".ci", "gpu"), out, "--cpu-dry-run"], env=ENV,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def pytest_sessionfinish(session):
+    for out, proc in BACKGROUND.values():  # also when the session stops before the test ran
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(out, ignore_errors=True)
+
+
+@pytest.fixture
+def gpu_dry_run():
+    """(its folder as a Path, exit status, output) of the dry run started at collection, once it ends."""
+    out, proc = BACKGROUND[GPU_DRY_RUN]
+    output, _ = proc.communicate(timeout=600)
+    return pathlib.Path(out), proc.returncode, output

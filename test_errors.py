@@ -2,7 +2,6 @@
 Bad input: one line on stderr naming the flag, file or value, exit status 1, no traceback, and
 nothing already on disk touched, for every script (prepare.py's own inputs: test_prepare.py).
 """
-import concurrent.futures
 import os
 import re
 import shutil
@@ -18,8 +17,8 @@ from conftest import TRAIN, fingerprint, write_data
 
 
 # The table has two parts: rows that need a script's command line, and rows met by one function
-# call that the scripts make (configurator.die's SystemExit is what prints the line and sets the
-# exit status, as the first part shows).
+# call that the scripts make. Both run in this process: configurator.die's SystemExit is what
+# prints the line and sets the exit status, as one row run as a real process shows.
 
 # (row, script, arguments, what the error line says); {d} is the row's own folder, where the inputs
 # named {d}/NAME are made by make_input(NAME); train.py rows also get TRAIN, --data_dir={d}/data
@@ -67,33 +66,38 @@ def make_input(d, name, finished_run):
         pq.write_table(pa.table({"body": ["a document in the wrong column"]}), path)
 
 
-@pytest.fixture(scope="module")
-def command_line_results(reference, run, tmp_path_factory):
-    """{row: (result, folder, fingerprint before, fingerprint after)}, the rows run four at a time."""
-    def run_row(row_and_folder):
-        (name, script, args, _), d = row_and_folder
-        if script == "train.py":
-            args = [*TRAIN, "--data_dir={d}/data", "--out_dir={d}/out", *args]
-        for name_of_input in set(re.findall(r"\{d\}/([\w.]+)", " ".join(args))):
-            make_input(d, name_of_input, reference.out)
-        before = fingerprint(d)
-        result = run(script, *(a.format(d=d) for a in args), cwd=d)
-        return name, (result, d, before, fingerprint(d))
-
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        folders = [tmp_path_factory.mktemp("bad_input") for _ in COMMAND_LINE_TABLE]
-        return dict(pool.map(run_row, zip(COMMAND_LINE_TABLE, folders)))
+def command_line(row, d, finished_run):
+    """The row's arguments, its inputs made in folder d."""
+    _, script, args, _ = row
+    if script == "train.py":
+        args = [*TRAIN, "--data_dir={d}/data", "--out_dir={d}/out", *args]
+    for name_of_input in set(re.findall(r"\{d\}/([\w.]+)", " ".join(args))):
+        make_input(d, name_of_input, finished_run)
+    return [a.format(d=d) for a in args]
 
 
 @pytest.mark.parametrize("row", COMMAND_LINE_TABLE, ids=[row[0] for row in COMMAND_LINE_TABLE])
-def test_bad_command_line_input_fails_in_one_line_and_touches_nothing(command_line_results, row):
-    result, d, before, after = command_line_results[row[0]]
-    assert result.returncode == 1, result.stderr
-    assert "Traceback" not in result.stderr
+def test_bad_command_line_input_fails_in_one_line_and_touches_nothing(row, reference, run_main, tmp_path,
+                                                                      monkeypatch, capsys):
+    # in this process, to save an interpreter start per row: die()'s SystemExit is what a real
+    # process prints as its last line and turns into exit status 1 (the next test runs one row so)
+    args = command_line(row, tmp_path, reference.out)
+    monkeypatch.chdir(tmp_path)
+    before = fingerprint(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        run_main(row[1], *args)
+    error = str(e.value.code)
+    assert error.startswith("error: ") and "\n" not in error and row[3].format(d=tmp_path) in error
+    assert capsys.readouterr().err == ""  # nothing else on stderr
+    assert fingerprint(tmp_path) == before  # nothing created, replaced or written over
+
+
+def test_a_bad_command_line_ends_the_process_with_one_line_on_stderr_and_status_1(reference, run, tmp_path):
+    row = next(r for r in COMMAND_LINE_TABLE if r[0] == "resume with another model shape")
+    result = run(row[1], *command_line(row, tmp_path, reference.out), cwd=tmp_path)
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert row[3].format(d=d) in lines[0]
-    assert after == before  # nothing created, replaced or written over
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: " + row[3].format(d=tmp_path))
 
 
 def truncated_shard(path):

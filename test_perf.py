@@ -1,9 +1,6 @@
 """Tests of the fast paths: each must give the reference path's numbers. Speed is bench.py's job."""
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,9 +9,8 @@ from torch.nn import functional as F
 import fused_loss
 import memory
 import sparse_mlp
-from conftest import FINEWEB_SAMPLE, HERE, saved_sizes
+from conftest import FINEWEB_SAMPLE, saved_sizes
 from model import MLP, GPTConfig
-
 
 
 @pytest.fixture
@@ -237,15 +233,19 @@ BENCH_TINY = ("--n_layer=2 --n_head=2 --n_embd=32 --block_size=16 --batch_size=2
               "--sparse_new=4 --decode_repeats=1 --sparse_repeats=1 --prepare_tokens=20000").split()
 
 
-def bench(tmp_path, *flags):
-    run = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), *BENCH_TINY, *flags], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    return run.stdout, json.loads(run.stdout.strip().splitlines()[-1])
+@pytest.fixture
+def bench(run_main, monkeypatch, tmp_path):
+    """bench(*flags): bench.py with BENCH_TINY and the flags, in this process (no interpreter start),
+    from tmp_path; (what it printed, its JSON summary line)."""
+    def run_bench(*flags):
+        monkeypatch.chdir(tmp_path)
+        stdout = run_main("bench.py", *BENCH_TINY, *flags)
+        return stdout, json.loads(stdout.strip().splitlines()[-1])
+    return run_bench
 
 
-def test_bench_runs_end_to_end(tmp_path):
-    stdout, result = bench(tmp_path, f"--prepare_input={FINEWEB_SAMPLE}")
+def test_bench_runs_end_to_end(bench):
+    stdout, result = bench(f"--prepare_input={FINEWEB_SAMPLE}")
     cpu_only = ("mlp_topk_over_dense", "sparse_decode_speedup")  # sparse_mlp.py's rows
     for key in ("train_topk_over_dense", "anneal_over_dense", "kv_cache_speedup", "prepare_tokens_per_s") + (
             cpu_only if result["device"] == "cpu" else ()):
@@ -261,8 +261,8 @@ def test_bench_runs_end_to_end(tmp_path):
     assert "training iteration" in stdout and "decoding" in stdout
 
 
-def test_bench_without_its_tokenization_input_skips_that_row_and_still_prints_the_summary(tmp_path):
-    stdout, result = bench(tmp_path, "--prepare_input=missing.parquet")
+def test_bench_without_its_tokenization_input_skips_that_row_and_still_prints_the_summary(bench):
+    stdout, result = bench("--prepare_input=missing.parquet")
     note = "note: --prepare_input missing.parquet not found"
     assert note in stdout and stdout.index(note) < stdout.index("training iteration")  # said before the timings
     assert result["prepare_tokens_per_s"] is None and isinstance(result["kv_cache_speedup"], float)

@@ -79,12 +79,12 @@ def test_steer_concept_has_the_command_lines_defaults():
 # the script
 
 
-def test_steer_searches_a_concept_and_sweeps_the_strength_end_to_end(copied_runs, run):
+def test_steer_searches_a_concept_and_sweeps_the_strength_end_to_end(copied_runs, run_main):
     topk = copied_runs / "topk"
-    r = run('steer.py', f'--out_dir={topk}', '--concept=job office salary', '--num_samples=2',
-            '--max_new_tokens=8', '--prompts=The|Anna saw', '--eval_tokens=2048', '--scales=1,3', '--plot=True')
-    assert r.returncode == 0, r.stderr
-    lines = r.stdout.strip().splitlines()
+    printed = run_main('steer.py', f'--out_dir={topk}', '--concept=job office salary', '--num_samples=2',
+                       '--max_new_tokens=8', '--prompts=The|Anna saw', '--eval_tokens=2048', '--scales=1,3',
+                       '--plot=True')
+    lines = printed.strip().splitlines()
     result = json.loads(lines[-1])
     assert {'layer', 'neuron', 'value', 'baseline_hit_rate', 'steered_hit_rate', 'baseline_ppl', 'steered_ppl',
             'scale', 'signals', 'sweep', 'finalists'} == set(result)

@@ -291,5 +291,6 @@ while True:
             line += f", mfu {100 * flops_per_iter * log_interval / dt / (peak * world_size):.1f}%"
         print(line, flush=True)
 
-if ddp:
+if ddp:  # wait for the master's last save: a rank tearing gloo down while another still holds its
+    dist.barrier()  # connections can abort at exit ("terminate called without an active exception")
     dist.destroy_process_group()
