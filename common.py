@@ -60,8 +60,8 @@ def encode_prompt(text, flag="--start"):
 # atomic writes: a crash leaves either the old file or the new one, never half of one
 
 
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
+UMASK = os.umask(0o022)  # the process's umask: reading it means setting it, so set it back
+os.umask(UMASK)
 
 
 def atomic_write(path, write_fn):
@@ -70,7 +70,7 @@ def atomic_write(path, write_fn):
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_" + os.path.basename(path))
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes owner-only files; use the usual mode
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes owner-only files; use the usual mode
         with os.fdopen(fd, "wb") as f:
             write_fn(f)
             f.flush()

@@ -1,0 +1,197 @@
+"""
+A TopK LM in the interpretability tools people already use: Hugging Face transformers (and
+nnsight, which wraps it), TransformerLens and SAELens. export.py writes the files; this module
+builds and reads them, and importing it registers the TopK LM's MLP with SAELens.
+
+A TopK LM is GPT-2 with one change, the activation of the MLP in its TopK blocks (the first
+n_layer - n_nontopk): of the d_ff pre-activations x = c_fc(h) of a token it keeps the k largest
+and applies GELU to them, the rest are 0. So:
+
+  transformers      GPT2LMHeadModel holds every weight (Conv1D stores them transposed, the lm_head
+                    is tied to wte, the vocabulary is the padded 50,304 rows). A dense run needs
+                    nothing else; load_hf() puts the TopK activation at transformer.h.L.mlp.act.
+  TransformerLens   HookedTransformer of the same weights (its own GPT-2 conversion), the TopK
+                    activation as blocks.L.mlp.act_fn: the neurons are blocks.L.mlp.hook_post.
+  SAELens           each TopK block's MLP is a TopK transcoder with no reconstruction error,
+                    from blocks.L.ln2.hook_normalized (the MLP input) to blocks.L.hook_mlp_out:
+                    encoder c_fc, decoder c_proj. SAELens's own TopK applies ReLU to the kept
+                    values, so the architecture "topk_transcoder" below, registered through
+                    sae_lens.registry, applies GELU (or ReLU, for sae.py's transcoders).
+"""
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+from sae_lens import SAE, TopKSAE, TopKSAEConfig
+from sae_lens.registry import SAE_CLASS_REGISTRY, register_sae_class
+from sae_lens.saes.sae import SAEMetadata
+from sae_lens.saes.transcoder import Transcoder, TranscoderConfig
+from safetensors.torch import load_file
+from torch.nn import functional as F
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from model import TopK
+
+# nn.Linear keeps (out, in), GPT-2's Conv1D (in, out): these four weights are transposed
+CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+
+
+def topk_layers(n_layer, topk, n_nontopk):
+    return list(range(n_layer - n_nontopk)) if topk else []
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face transformers
+
+def hf_config(model_args):
+    a = model_args
+    return GPT2Config(vocab_size=a['vocab_size'], n_positions=a['block_size'], n_embd=a['n_embd'],
+                      n_layer=a['n_layer'], n_head=a['n_head'], activation_function='gelu',  # exact, not tanh
+                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
+                      tie_word_embeddings=True, bos_token_id=50256, eos_token_id=50256,
+                      architectures=['GPT2LMHeadModel'], topk=a['topk'], n_nontopk=a['n_nontopk'])
+
+
+def to_hf(model):
+    """A GPT2LMHeadModel holding model's weights, with the TopK activation in its TopK blocks."""
+    c = model.config
+    hf = GPT2LMHeadModel(hf_config({k: getattr(c, k) for k in ('vocab_size', 'block_size', 'n_embd', 'n_layer',
+                                                                 'n_head', 'topk', 'n_nontopk')}))
+    ours = model.state_dict()
+    with torch.no_grad():
+        for name, p in hf.state_dict().items():
+            if name in ours:
+                p.copy_(ours[name].t() if name.endswith(CONV1D) else ours[name])
+            else:  # a run with bias=False: GPT-2 always has biases, and zero ones are the same model
+                assert name.endswith('.bias'), name
+                p.zero_()
+    return with_topk(hf).eval()
+
+
+def with_topk(hf):
+    """Put the TopK activation (alpha = 0) into the TopK blocks of a GPT2LMHeadModel."""
+    c = hf.config
+    for layer in topk_layers(c.n_layer, getattr(c, 'topk', 0), getattr(c, 'n_nontopk', 0)):
+        hf.transformer.h[layer].mlp.act = TopK(c.topk)
+    return hf
+
+
+def load_hf(path):
+    """A folder written by `export.py --format=hf`, as transformers loads it, with the TopK
+    activation at transformer.h.L.mlp.act in the TopK blocks (a dense run's folder loads as is)."""
+    return with_topk(GPT2LMHeadModel.from_pretrained(path)).eval()
+
+
+# -----------------------------------------------------------------------------
+# TransformerLens
+
+def tl_config(n_layer, n_head, n_embd, block_size, vocab_size):
+    """HookedTransformerConfig arguments of this project's GPT-2 (exact GELU, LayerNorm eps 1e-5)."""
+    return dict(d_model=n_embd, d_head=n_embd // n_head, n_heads=n_head, d_mlp=4 * n_embd, n_layers=n_layer,
+                n_ctx=block_size, eps=1e-5, d_vocab=vocab_size, act_fn='gelu', normalization_type='LN',
+                original_architecture='GPT2LMHeadModel', default_prepend_bos=False)
+
+
+def to_transformer_lens(hf):
+    """A HookedTransformer of a GPT2LMHeadModel's weights, by TransformerLens's own GPT-2
+    conversion and unprocessed (no LayerNorm folding or centring, so the neurons are this
+    project's), with the TopK activation in the TopK blocks: run_with_cache gives the neurons
+    at blocks.L.mlp.hook_post."""
+    c = hf.config
+    cfg = HookedTransformerConfig(**tl_config(c.n_layer, c.n_head, c.n_embd, c.n_positions, c.vocab_size))
+    return hooked(cfg, convert_gpt2_weights(hf, cfg), getattr(c, 'topk', 0), getattr(c, 'n_nontopk', 0))
+
+
+def hooked(cfg, state_dict, topk, n_nontopk):
+    tl = HookedTransformer(cfg)
+    tl.load_and_process_state_dict(state_dict, fold_ln=False, center_writing_weights=False,
+                                   center_unembed=False, fold_value_biases=False)
+    for layer in topk_layers(cfg.n_layers, topk, n_nontopk):
+        tl.blocks[layer].mlp.act_fn = TopK(topk)
+    return tl.eval()
+
+
+def load_transformer_lens(path):
+    """A folder written by `export.py --format=transformer_lens` (TransformerLens's weight names in
+    model.safetensors; config.json: HookedTransformerConfig's arguments, topk and n_nontopk)."""
+    with open(os.path.join(path, 'config.json')) as f:
+        config = json.load(f)
+    topk, n_nontopk = config.pop('topk'), config.pop('n_nontopk')
+    return hooked(HookedTransformerConfig(**config), load_file(os.path.join(path, 'model.safetensors')),
+                  topk, n_nontopk)
+
+
+# -----------------------------------------------------------------------------
+# SAELens
+
+@dataclass
+class TopKTranscoderConfig(TranscoderConfig):
+    k: int = 64
+    activation: str = 'gelu'  # of the kept pre-activations: 'gelu' (a TopK LM) or 'relu' (sae.py)
+
+    @classmethod
+    def architecture(cls):
+        return 'topk_transcoder'
+
+
+class TopKTranscoder(Transcoder):
+    """A transcoder whose latents are the k largest pre-activations through GELU or ReLU."""
+
+    def encode(self, x):
+        pre = self.hook_sae_acts_pre(self.process_sae_in(x) @ self.W_enc + self.b_enc)
+        top = pre.topk(self.cfg.k, dim=-1)
+        values = F.gelu(top.values) if self.cfg.activation == 'gelu' else top.values.relu()
+        return self.hook_sae_acts_post(torch.zeros_like(pre).scatter(-1, top.indices, values))
+
+    @classmethod
+    def from_dict(cls, config_dict):
+        return cls(TopKTranscoderConfig.from_dict(config_dict))
+
+
+if 'topk_transcoder' not in SAE_CLASS_REGISTRY:  # importing this module twice must not fail
+    register_sae_class('topk_transcoder', TopKTranscoder, TopKTranscoderConfig)
+
+
+def mlp_transcoder(model, layer, metadata):
+    """TopK block `layer`'s MLP as a SAELens TopKTranscoder: exactly the MLP, its latents the neurons."""
+    mlp = model.transformer.h[layer].mlp
+    d, d_ff = mlp.c_fc.in_features, mlp.c_fc.out_features
+    cfg = TopKTranscoderConfig(d_in=d, d_sae=d_ff, d_out=d, k=model.config.topk, activation='gelu',
+                               apply_b_dec_to_input=False, metadata=SAEMetadata(
+                                   hook_name=f'blocks.{layer}.ln2.hook_normalized',
+                                   hook_name_out=f'blocks.{layer}.hook_mlp_out', **metadata))
+    return filled(TopKTranscoder(cfg), mlp.c_fc.weight.t(), mlp.c_fc.bias, mlp.c_proj.weight.t(), mlp.c_proj.bias, d)
+
+
+def dictionary_sae(coder, meta, metadata):
+    """A dictionary of sae.py as SAELens reads it: an SAE is SAELens's own TopK SAE of the MLP
+    output (b_pre is its b_dec, subtracted before encoding); a transcoder is a TopKTranscoder
+    with ReLU from the MLP input to the MLP output (b_pre is its output bias)."""
+    layer, d, n = meta['layer'], meta['d_in'], meta['n_latents']
+    hooks = dict(hook_name=f'blocks.{layer}.hook_mlp_out') if meta['kind'] == 'sae' else dict(
+        hook_name=f'blocks.{layer}.ln2.hook_normalized', hook_name_out=f'blocks.{layer}.hook_mlp_out')
+    info = SAEMetadata(**hooks, **metadata)
+    if meta['kind'] == 'sae':
+        sae = TopKSAE(TopKSAEConfig(d_in=d, d_sae=n, k=meta['k'], apply_b_dec_to_input=True, metadata=info))
+    else:
+        sae = TopKTranscoder(TopKTranscoderConfig(d_in=d, d_sae=n, d_out=d, k=meta['k'], activation='relu',
+                                                  apply_b_dec_to_input=False, metadata=info))
+    return filled(sae, coder.encoder.weight.t(), coder.encoder.bias, coder.decoder.weight.t(), coder.b_pre, d)
+
+
+def filled(sae, w_enc, b_enc, w_dec, b_dec, d_out):
+    with torch.no_grad():
+        for name, value in dict(W_enc=w_enc, b_enc=b_enc, W_dec=w_dec,
+                                b_dec=b_dec if b_dec is not None else torch.zeros(d_out)).items():
+            getattr(sae, name).copy_(value)
+    return sae.eval()
+
+
+def load_saelens(path):
+    """An exported SAELens folder, as SAELens loads it (this module's import registered the
+    TopK transcoder)."""
+    return SAE.load_from_disk(path)
+

@@ -1,0 +1,167 @@
+"""export.py and interop.py: each format read by its own library (transformers, TransformerLens,
+SAELens) gives this project's logits and neurons, on conftest's tiny TopK run and its dense twin."""
+import json
+import os
+
+import pytest
+import torch
+
+if os.environ.get("TOPK_INTEROP_REQUIRED") != "1":  # .ci/run sets it: in CI these tests must run
+    for package in ("safetensors", "transformers", "transformer_lens", "sae_lens"):
+        pytest.importorskip(package, reason="the optional interop packages: pip install -r requirements-interop.txt")
+
+from sae_lens import SAE  # noqa: E402 (after the check that they are installed)
+from transformers import GPT2LMHeadModel  # noqa: E402
+
+import interop  # noqa: E402
+from conftest import fingerprint  # noqa: E402
+from dictionary import SparseCoder, model_shape, save_dictionary  # noqa: E402
+from model import load_model  # noqa: E402
+from neurons import capture  # noqa: E402
+
+TOPK_LAYERS = [0, 1]  # of the tiny runs' 3 blocks, the last one dense
+
+
+def tokens():
+    return torch.randint(0, 50257, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def max_relative_difference(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.fixture
+def export(run_main, tmp_path):
+    """export(run, format, *flags): export.py into tmp_path/FORMAT; the folder."""
+    def run_export(run, format, *flags):
+        dest = tmp_path / format
+        run_main('export.py', f'--out_dir={run}', f'--format={format}', f'--dest={dest}', *flags)
+        return dest
+    return run_export
+
+
+def ours(run, x):
+    """(logits, {layer: neurons}, {layer: (MLP input, MLP output)}) of this project's model."""
+    model, _ = load_model(str(run))
+    with torch.no_grad(), capture(model, TOPK_LAYERS) as acts, capture(model, TOPK_LAYERS, mlp_io=True) as io:
+        logits, _ = model(x, x)
+        return logits, dict(acts), dict(io)
+
+
+def test_a_dense_run_loads_in_transformers_alone_with_this_projects_logits(tiny_runs, export):
+    folder = export(tiny_runs / 'dense', 'hf')
+    hf = GPT2LMHeadModel.from_pretrained(folder).eval()  # no code of this project
+    with torch.no_grad():
+        logits = hf(tokens()).logits
+    assert logits.shape[-1] == 50304 and max_relative_difference(logits, ours(tiny_runs / 'dense', tokens())[0]) <= 1e-5
+
+
+def test_a_topk_run_through_load_hf_gives_its_logits_and_its_neurons_at_mlp_act(tiny_runs, export):
+    folder = export(tiny_runs / 'topk', 'hf')
+    assert json.loads((folder / 'config.json').read_text())['topk'] == 8
+    logits, acts, _ = ours(tiny_runs / 'topk', tokens())
+    hf = interop.load_hf(folder)
+    seen = {}
+    for layer in TOPK_LAYERS:
+        hf.transformer.h[layer].mlp.act.register_forward_hook(lambda m, i, out, l=layer: seen.__setitem__(l, out))
+    with torch.no_grad():
+        assert max_relative_difference(hf(tokens()).logits, logits) <= 1e-5
+        plain = GPT2LMHeadModel.from_pretrained(folder).eval()(tokens()).logits  # dense GELU everywhere
+    assert max_relative_difference(plain, logits) > 1e-4  # 10x the tolerance: the TopK activation matters
+    for layer in TOPK_LAYERS:
+        torch.testing.assert_close(seen[layer], acts[layer], rtol=1e-5, atol=1e-6)
+
+
+def test_transformer_lens_hook_post_holds_the_same_k_neurons_with_the_same_values(tiny_runs, export):
+    tl = interop.load_transformer_lens(export(tiny_runs / 'topk', 'transformer_lens'))
+    logits, acts, _ = ours(tiny_runs / 'topk', tokens())
+    with torch.no_grad():
+        tl_logits, cache = tl.run_with_cache(tokens())
+    assert max_relative_difference(tl_logits, logits) <= 1e-5
+    for layer in TOPK_LAYERS:
+        post = cache[f'blocks.{layer}.mlp.hook_post']
+        assert ((post != 0).sum(-1) == 8).all() and torch.equal(post != 0, acts[layer] != 0)
+        torch.testing.assert_close(post, acts[layer], rtol=1e-5, atol=1e-6)
+
+
+def test_saelens_loads_each_topk_mlp_as_a_transcoder_that_encodes_the_neurons_and_decodes_the_mlp_output(
+        tiny_runs, export):
+    folder = export(tiny_runs / 'topk', 'saelens')
+    assert sorted(p.name for p in folder.iterdir()) == ['layer_0', 'layer_1']
+    _, acts, io = ours(tiny_runs / 'topk', tokens())
+    for layer in TOPK_LAYERS:
+        sae = SAE.load_from_disk(folder / f'layer_{layer}')  # registered by importing interop
+        assert sae.cfg.metadata.hook_name == f'blocks.{layer}.ln2.hook_normalized'
+        assert sae.cfg.metadata.hook_name_out == f'blocks.{layer}.hook_mlp_out'
+        mlp_in, mlp_out = io[layer]
+        with torch.no_grad():
+            z = sae.encode(mlp_in)
+            out = sae.decode(z)
+        torch.testing.assert_close(z, acts[layer], rtol=1e-5, atol=1e-6)
+        fvu = (out - mlp_out).pow(2).sum() / (mlp_out - mlp_out.mean((0, 1))).pow(2).sum()
+        assert fvu.item() < 1e-10
+
+
+@pytest.mark.parametrize('kind', ['sae', 'transcoder'])
+def test_a_dictionary_of_sae_py_exports_to_saelens_with_its_latents_and_reconstruction(tiny_runs, export, tmp_path,
+                                                                                       kind):
+    model, _ = load_model(str(tiny_runs / 'dense'))
+    torch.manual_seed(0)
+    coder = SparseCoder(32, 64, 4, transcoder=kind == 'transcoder')
+    with torch.no_grad():
+        coder.b_pre.normal_()  # a b_pre of zero would not show where it goes
+        coder.encoder.bias.normal_()
+    save_dictionary(tmp_path / 'coder.pt', coder, dict(kind=kind, layer=1, d_in=32, n_latents=64, k=4,
+                                                        model_args=model_shape(model)))
+    sae = SAE.load_from_disk(export(tiny_runs / 'dense', 'saelens', f'--dictionary={tmp_path / "coder.pt"}'))
+    x = torch.randn(10, 32)
+    with torch.no_grad():
+        reconstruction, z, _ = coder(x)
+        torch.testing.assert_close(sae.encode(x), z, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(sae.decode(sae.encode(x)), reconstruction, rtol=1e-5, atol=1e-6)
+    assert sae.cfg.metadata.hook_name == ('blocks.1.hook_mlp_out' if kind == 'sae' else 'blocks.1.ln2.hook_normalized')
+
+
+def test_a_checkpoint_of_the_series_is_exported_by_name(tiny_runs, export):
+    folder = export(tiny_runs / 'topk', 'hf', '--ckpt=ckpt_000004.pt')
+    logits, _, _ = ours(tiny_runs / 'topk' / 'ckpt_000004.pt', tokens())
+    with torch.no_grad():
+        assert max_relative_difference(interop.load_hf(folder)(tokens()).logits, logits) <= 1e-5
+
+
+def test_overwrite_replaces_a_previous_export(tiny_runs, export):
+    export(tiny_runs / 'topk', 'hf')
+    folder = export(tiny_runs / 'dense', 'hf', '--overwrite=True')
+    assert json.loads((folder / 'config.json').read_text())['topk'] == 0
+    assert [p.name for p in folder.parent.iterdir()] == ['hf']  # no temporary folder left
+
+
+def another_version(tmp_path, run):
+    """A checkpoint whose model_args carry a key this version of the model does not know."""
+    checkpoint = torch.load(run / 'ckpt.pt', weights_only=True)
+    checkpoint['model_args']['rotary'] = True
+    torch.save(checkpoint, tmp_path / 'other' / 'ckpt.pt')
+    return tmp_path / 'other'
+
+
+@pytest.mark.parametrize('case, flags, message', [
+    ('unknown format', ['--format=onnx'], '--format=onnx is not one of hf, transformer_lens, saelens'),
+    ('dest holding files', ['--format=hf', '--dest={d}/full'], '--dest={d}/full already holds files'),
+    ('saelens of a dense run', ['--out_dir={dense}', '--format=saelens'], "--format=saelens exports the TopK blocks' MLPs"),
+    ('another model version', ['--out_dir={d}/other', '--format=hf'], 'checkpoint {d}/other does not fit the model'),
+])
+def test_bad_input_fails_in_one_line_and_leaves_no_partial_folder(tiny_runs, run_main, tmp_path, case, flags, message):
+    (tmp_path / 'full').mkdir()
+    (tmp_path / 'full' / 'kept.txt').write_text('mine')
+    (tmp_path / 'other').mkdir()
+    another_version(tmp_path, tiny_runs / 'topk')
+    values = dict(d=tmp_path, dense=tiny_runs / 'dense')
+    flags = [f.format(**values) for f in flags]
+    if not any(f.startswith('--dest') for f in flags):
+        flags.append(f'--dest={tmp_path / "new"}')
+    before = fingerprint(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        run_main('export.py', f'--out_dir={tiny_runs / "topk"}', *flags)
+    error = str(e.value.code)
+    assert error.startswith('error: ' + message.format(**values)) and '\n' not in error
+    assert fingerprint(tmp_path) == before  # no folder made, none changed
