@@ -122,6 +122,15 @@ def test_a_dictionary_of_sae_py_exports_to_saelens_with_its_latents_and_reconstr
     assert sae.cfg.metadata.hook_name == ('blocks.1.hook_mlp_out' if kind == 'sae' else 'blocks.1.ln2.hook_normalized')
 
 
+def test_a_model_without_biases_becomes_a_gpt2_with_zero_biases_and_the_same_logits(tiny_model):
+    model = tiny_model(bias=False)
+    model.set_alpha(0.0)
+    hf = interop.to_hf(model)
+    assert (hf.transformer.h[0].mlp.c_fc.bias == 0).all() and (hf.transformer.ln_f.bias == 0).all()
+    with torch.no_grad():
+        assert max_relative_difference(hf(tokens()).logits, model(tokens(), tokens())[0]) <= 1e-5
+
+
 def test_a_checkpoint_of_the_series_is_exported_by_name(tiny_runs, export):
     folder = export(tiny_runs / 'topk', 'hf', '--ckpt=ckpt_000004.pt')
     logits, _, _ = ours(tiny_runs / 'topk' / 'ckpt_000004.pt', tokens())
