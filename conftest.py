@@ -18,6 +18,7 @@ import pathlib
 import random
 import runpy
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -273,15 +274,15 @@ def pytest_collection_modifyitems(items):
 def pytest_collection_finish(session):
     if any(item.name == GPU_DRY_RUN for item in session.items):
         out = tempfile.mkdtemp(prefix="gpu_dry_run_")
-        BACKGROUND[GPU_DRY_RUN] = out, subprocess.Popen(
+        BACKGROUND[GPU_DRY_RUN] = out, subprocess.Popen(  # a process group of its own, to stop it whole
             [sys.executable, os.path.join(HERE, ".ci", "gpu"), out, "--cpu-dry-run"], env=ENV,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def pytest_sessionfinish(session):
     for out, proc in BACKGROUND.values():  # also when the session stops before the test ran
-        if proc.poll() is None:
-            proc.kill()
+        if proc.poll() is None:  # the step it is running too (train.py, torchrun and its ranks)
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         shutil.rmtree(out, ignore_errors=True)
 

@@ -6,13 +6,14 @@ Export a trained run for the interpretability tools (interop.py says how each re
     python export.py --out_dir=out-toy --format=saelens --dest=out-toy/saelens      # one folder per TopK layer
     python export.py --out_dir=out-toy-dense --format=saelens --dictionary=out-toy-dense/sae/sae_layer0.pt
 
-and then, with no code of this project for a dense run:
-    transformers.GPT2LMHeadModel.from_pretrained('out-toy/hf')
-or, for a TopK run (importing interop also registers the TopK transcoder with SAELens):
+and then read them: a dense run's hf folder with transformers alone,
+    transformers.GPT2LMHeadModel.from_pretrained('out-toy-dense/hf')
+and a TopK run's through interop (whose import also registers the TopK transcoder with SAELens):
     interop.load_hf('out-toy/hf'), interop.load_transformer_lens('out-toy/tl'),
     sae_lens.SAE.load_from_disk('out-toy/saelens/layer_0')
 
-The folder is written beside --dest under a temporary name and renamed when complete.
+The folder is written beside --dest under a temporary name and renamed when complete; a --dest
+that holds the run, its checkpoint or the dictionary is refused, even with --overwrite.
 """
 import glob
 import json
@@ -22,8 +23,6 @@ import tempfile
 
 import torch
 from safetensors.torch import save_file
-from transformer_lens import HookedTransformerConfig
-from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
 
 import interop
 from common import UMASK
@@ -47,26 +46,19 @@ def write_hf(model, folder):
 
 
 def write_transformer_lens(model, folder):
-    c = model.config
-    args = interop.tl_config(c.n_layer, c.n_head, c.n_embd, c.block_size, c.vocab_size)
-    weights = convert_gpt2_weights(interop.to_hf(model), HookedTransformerConfig(**args))
+    args, weights = interop.tl_weights(model)
     # safetensors stores each tensor on its own: W_U is a transposed view of W_E until copied
     save_file({k: v.detach().clone().contiguous() for k, v in weights.items()}, os.path.join(folder, 'model.safetensors'))
     with open(os.path.join(folder, 'config.json'), 'w') as f:
-        json.dump({**args, 'topk': c.topk, 'n_nontopk': c.n_nontopk}, f, indent=1)
+        json.dump({**args, 'topk': model.config.topk, 'n_nontopk': model.config.n_nontopk}, f, indent=1)
 
 
 def write_saelens(model, folder, source):
-    c = model.config
     if dictionary:
         coder, meta = load_dictionary(dictionary)
-        if meta.get('model_args') != model_shape(model):
-            die(f"--dictionary={dictionary} was trained on another model ({meta.get('model_args')}), not on {source}")
-        interop.dictionary_sae(coder, meta, dict(model_name=source)).save_model(folder)
+        interop.dictionary_sae(coder, meta, model, dict(model_name=source)).save_model(folder)
         return
-    if not c.topk or c.n_nontopk == c.n_layer:
-        die(f"--format=saelens exports the TopK blocks' MLPs, and {source} has none (topk={c.topk}, "
-            f"n_nontopk={c.n_nontopk} of {c.n_layer} blocks); give --dictionary=FILE of sae.py for a dense run")
+    c = model.config
     for layer in interop.topk_layers(c.n_layer, c.topk, c.n_nontopk):
         interop.mlp_transcoder(model, layer, dict(model_name=source)).save_model(os.path.join(folder, f'layer_{layer}'))
 
@@ -83,21 +75,41 @@ def checkpoint_path():
     die(f"--ckpt={ckpt} is neither a file in {out_dir} nor a path; the series there: {', '.join(series) or 'none'}")
 
 
-def main():
+def checked_target(source, model):
+    """--dest, once every check that can refuse the export has passed (before anything is written)."""
     if format not in FORMATS:
         die(f"--format={format} is not one of {', '.join(FORMATS)}")
     if dictionary and format != 'saelens':
         die(f"--dictionary goes with --format=saelens, not --format={format}")
-    target = dest or os.path.join(out_dir, f'export_{format}')
+    c = model.config
+    if format == 'saelens' and not dictionary and not interop.topk_layers(c.n_layer, c.topk, c.n_nontopk):
+        die(f"--format=saelens exports the TopK blocks' MLPs, and {source} has none (topk={c.topk}, "
+            f"n_nontopk={c.n_nontopk} of {c.n_layer} blocks); give --dictionary=FILE of sae.py for a dense run")
+    if dictionary:
+        _, meta = load_dictionary(dictionary)
+        if meta.get('model_args') != model_shape(model):
+            die(f"--dictionary={dictionary} was trained on another model ({meta.get('model_args')}), not on {source}")
+    target = os.path.abspath(dest or os.path.join(out_dir, f'export_{format}'))
     if os.path.exists(target) and not os.path.isdir(target):
         die(f"--dest={target} is a file, not a folder")
     if os.path.isdir(target) and os.listdir(target) and not overwrite:
         die(f"--dest={target} already holds files; give another --dest or --overwrite=True")
+    for kept in filter(None, (out_dir, source, dictionary)):  # --overwrite must never remove what it reads
+        if os.path.commonpath([target, os.path.abspath(kept)]) == target:
+            die(f"--dest={target} holds {kept}, which an export must not replace; give another --dest")
+    return target
+
+
+def main():
     source = checkpoint_path()
     model, _ = load_model(source)
-    parent = os.path.dirname(os.path.abspath(target))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix='.tmp_export_')
+    target = checked_target(source, model)
+    parent = os.path.dirname(target)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=parent, prefix='.tmp_export_')
+    except OSError as e:
+        die(f"cannot write beside --dest={target}: {e}")
     try:
         with torch.no_grad():
             if format == 'hf':
@@ -110,16 +122,30 @@ def main():
             os.chmod(folder, 0o777 & ~UMASK)
             for name in files:
                 os.chmod(os.path.join(folder, name), 0o666 & ~UMASK)
-        if os.path.exists(target):  # empty, or --overwrite: the old folder goes once the new one is whole
-            old = tempfile.mkdtemp(dir=parent, prefix='.old_export_')
-            os.replace(target, os.path.join(old, 'dest'))
-            os.replace(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
+        replace(tmp, target)
+    except OSError as e:
+        die(f"cannot write --dest={target}: {e}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"wrote {target} ({format}) from {source}")
+
+
+def replace(new, target):
+    """Put folder new at target. An old folder there (empty, or --overwrite) is moved aside first
+    and removed only once the new one is in place; if that fails, it is moved back."""
+    if not os.path.exists(target):
+        os.replace(new, target)
+        return
+    aside = tempfile.mkdtemp(dir=os.path.dirname(target), prefix='.old_export_')
+    try:
+        os.replace(target, os.path.join(aside, 'old'))
+        try:
+            os.replace(new, target)
+        except OSError:
+            os.replace(os.path.join(aside, 'old'), target)
+            raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 configure(globals())

@@ -13,17 +13,19 @@ and applies GELU to them, the rest are 0. So:
   TransformerLens   HookedTransformer of the same weights (its own GPT-2 conversion), the TopK
                     activation as blocks.L.mlp.act_fn: the neurons are blocks.L.mlp.hook_post.
   SAELens           each TopK block's MLP is a TopK transcoder with no reconstruction error,
-                    from blocks.L.ln2.hook_normalized (the MLP input) to blocks.L.hook_mlp_out:
-                    encoder c_fc, decoder c_proj. SAELens's own TopK applies ReLU to the kept
-                    values, so the architecture "topk_transcoder" below, registered through
-                    sae_lens.registry, applies GELU (or ReLU, for sae.py's transcoders).
+                    from blocks.L.ln2.hook_normalized to blocks.L.hook_mlp_out: encoder c_fc
+                    (with ln_2's weight and bias folded in, since TransformerLens hooks the
+                    normalized vector before them), decoder c_proj. SAELens's own TopK applies
+                    ReLU to the kept values, so the architecture "topk_lm_transcoder" below,
+                    registered through sae_lens.registry, applies GELU (or ReLU, for sae.py's
+                    transcoders).
 """
 import json
 import os
 from dataclasses import dataclass
 
 import torch
-from sae_lens import SAE, TopKSAE, TopKSAEConfig
+from sae_lens import TopKSAE, TopKSAEConfig
 from sae_lens.registry import SAE_CLASS_REGISTRY, register_sae_class
 from sae_lens.saes.sae import SAEMetadata
 from sae_lens.saes.transcoder import Transcoder, TranscoderConfig
@@ -61,6 +63,7 @@ def to_hf(model):
     hf = GPT2LMHeadModel(hf_config({k: getattr(c, k) for k in ('vocab_size', 'block_size', 'n_embd', 'n_layer',
                                                                  'n_head', 'topk', 'n_nontopk')}))
     ours = model.state_dict()
+    assert set(ours) <= set(hf.state_dict()), set(ours) - set(hf.state_dict())  # no weight left behind
     with torch.no_grad():
         for name, p in hf.state_dict().items():
             if name in ours:
@@ -95,17 +98,17 @@ def tl_config(n_layer, n_head, n_embd, block_size, vocab_size):
                 original_architecture='GPT2LMHeadModel', default_prepend_bos=False)
 
 
-def to_transformer_lens(hf):
-    """A HookedTransformer of a GPT2LMHeadModel's weights, by TransformerLens's own GPT-2
-    conversion and unprocessed (no LayerNorm folding or centring, so the neurons are this
-    project's), with the TopK activation in the TopK blocks: run_with_cache gives the neurons
-    at blocks.L.mlp.hook_post."""
-    c = hf.config
-    cfg = HookedTransformerConfig(**tl_config(c.n_layer, c.n_head, c.n_embd, c.n_positions, c.vocab_size))
-    return hooked(cfg, convert_gpt2_weights(hf, cfg), getattr(c, 'topk', 0), getattr(c, 'n_nontopk', 0))
+def tl_weights(model):
+    """(HookedTransformerConfig arguments, weights under TransformerLens's names) of a model of
+    this project, by TransformerLens's own GPT-2 conversion of its transformers twin."""
+    c = model.config
+    args = tl_config(c.n_layer, c.n_head, c.n_embd, c.block_size, c.vocab_size)
+    return args, convert_gpt2_weights(to_hf(model), HookedTransformerConfig(**args))
 
 
 def hooked(cfg, state_dict, topk, n_nontopk):
+    """The weights unprocessed: LayerNorm folding and centring would change the weights and the
+    residual stream that this project's analysis reads; the neurons are blocks.L.mlp.hook_post."""
     tl = HookedTransformer(cfg)
     tl.load_and_process_state_dict(state_dict, fold_ln=False, center_writing_weights=False,
                                    center_unembed=False, fold_value_biases=False)
@@ -127,6 +130,9 @@ def load_transformer_lens(path):
 # -----------------------------------------------------------------------------
 # SAELens
 
+ARCHITECTURE = 'topk_lm_transcoder'  # a name of this project's, so no SAELens class can take its place
+
+
 @dataclass
 class TopKTranscoderConfig(TranscoderConfig):
     k: int = 64
@@ -134,7 +140,7 @@ class TopKTranscoderConfig(TranscoderConfig):
 
     @classmethod
     def architecture(cls):
-        return 'topk_transcoder'
+        return ARCHITECTURE
 
 
 class TopKTranscoder(Transcoder):
@@ -151,47 +157,58 @@ class TopKTranscoder(Transcoder):
         return cls(TopKTranscoderConfig.from_dict(config_dict))
 
 
-if 'topk_transcoder' not in SAE_CLASS_REGISTRY:  # importing this module twice must not fail
-    register_sae_class('topk_transcoder', TopKTranscoder, TopKTranscoderConfig)
+registered = SAE_CLASS_REGISTRY.get(ARCHITECTURE)
+if registered is None:
+    register_sae_class(ARCHITECTURE, TopKTranscoder, TopKTranscoderConfig)
+elif registered[0].__qualname__ != TopKTranscoder.__qualname__:  # the same class imported again is fine
+    raise RuntimeError(f"SAELens already has another class for {ARCHITECTURE!r}: {registered[0]}")
+
+
+def folded_encoder(ln, fc):
+    """(W_enc, b_enc) that read TransformerLens's blocks.L.ln2.hook_normalized, which comes before
+    LayerNorm's weight w and bias b: fc(n * w + b) = (W_fc * w) n + (W_fc b + b_fc)."""
+    w_enc = (fc.weight * ln.weight).t()
+    b_enc = zeros_if_none(fc.bias, fc.out_features) + (fc.weight @ ln.bias if ln.bias is not None else 0)
+    return w_enc, b_enc
+
+
+def zeros_if_none(bias, size):  # a run trained with bias=False
+    return bias if bias is not None else torch.zeros(size)
 
 
 def mlp_transcoder(model, layer, metadata):
-    """TopK block `layer`'s MLP as a SAELens TopKTranscoder: exactly the MLP, its latents the neurons."""
-    mlp = model.transformer.h[layer].mlp
-    d, d_ff = mlp.c_fc.in_features, mlp.c_fc.out_features
+    """TopK block `layer`'s MLP as a SAELens TopKTranscoder from blocks.L.ln2.hook_normalized (ln_2
+    folded into the encoder) to blocks.L.hook_mlp_out: exactly the MLP, its latents the neurons."""
+    block = model.transformer.h[layer]
+    d, d_ff = block.mlp.c_fc.in_features, block.mlp.c_fc.out_features
     cfg = TopKTranscoderConfig(d_in=d, d_sae=d_ff, d_out=d, k=model.config.topk, activation='gelu',
                                apply_b_dec_to_input=False, metadata=SAEMetadata(
                                    hook_name=f'blocks.{layer}.ln2.hook_normalized',
                                    hook_name_out=f'blocks.{layer}.hook_mlp_out', **metadata))
-    return filled(TopKTranscoder(cfg), mlp.c_fc.weight.t(), mlp.c_fc.bias, mlp.c_proj.weight.t(), mlp.c_proj.bias, d)
+    return filled(TopKTranscoder(cfg), *folded_encoder(block.ln_2, block.mlp.c_fc), block.mlp.c_proj.weight.t(),
+                  zeros_if_none(block.mlp.c_proj.bias, d))
 
 
-def dictionary_sae(coder, meta, metadata):
+def dictionary_sae(coder, meta, model, metadata):
     """A dictionary of sae.py as SAELens reads it: an SAE is SAELens's own TopK SAE of the MLP
     output (b_pre is its b_dec, subtracted before encoding); a transcoder is a TopKTranscoder
-    with ReLU from the MLP input to the MLP output (b_pre is its output bias)."""
+    with ReLU from blocks.L.ln2.hook_normalized (the model's ln_2 folded into its encoder) to the
+    MLP output (b_pre is its output bias)."""
     layer, d, n = meta['layer'], meta['d_in'], meta['n_latents']
-    hooks = dict(hook_name=f'blocks.{layer}.hook_mlp_out') if meta['kind'] == 'sae' else dict(
-        hook_name=f'blocks.{layer}.ln2.hook_normalized', hook_name_out=f'blocks.{layer}.hook_mlp_out')
-    info = SAEMetadata(**hooks, **metadata)
     if meta['kind'] == 'sae':
-        sae = TopKSAE(TopKSAEConfig(d_in=d, d_sae=n, k=meta['k'], apply_b_dec_to_input=True, metadata=info))
-    else:
-        sae = TopKTranscoder(TopKTranscoderConfig(d_in=d, d_sae=n, d_out=d, k=meta['k'], activation='relu',
-                                                  apply_b_dec_to_input=False, metadata=info))
-    return filled(sae, coder.encoder.weight.t(), coder.encoder.bias, coder.decoder.weight.t(), coder.b_pre, d)
+        sae = TopKSAE(TopKSAEConfig(d_in=d, d_sae=n, k=meta['k'], apply_b_dec_to_input=True, metadata=SAEMetadata(
+            hook_name=f'blocks.{layer}.hook_mlp_out', **metadata)))
+        return filled(sae, coder.encoder.weight.t(), coder.encoder.bias, coder.decoder.weight.t(), coder.b_pre)
+    sae = TopKTranscoder(TopKTranscoderConfig(d_in=d, d_sae=n, d_out=d, k=meta['k'], activation='relu',
+                                              apply_b_dec_to_input=False, metadata=SAEMetadata(
+                                                  hook_name=f'blocks.{layer}.ln2.hook_normalized',
+                                                  hook_name_out=f'blocks.{layer}.hook_mlp_out', **metadata)))
+    return filled(sae, *folded_encoder(model.transformer.h[layer].ln_2, coder.encoder), coder.decoder.weight.t(),
+                  coder.b_pre)
 
 
-def filled(sae, w_enc, b_enc, w_dec, b_dec, d_out):
+def filled(sae, w_enc, b_enc, w_dec, b_dec):
     with torch.no_grad():
-        for name, value in dict(W_enc=w_enc, b_enc=b_enc, W_dec=w_dec,
-                                b_dec=b_dec if b_dec is not None else torch.zeros(d_out)).items():
+        for name, value in dict(W_enc=w_enc, b_enc=b_enc, W_dec=w_dec, b_dec=b_dec).items():
             getattr(sae, name).copy_(value)
     return sae.eval()
-
-
-def load_saelens(path):
-    """An exported SAELens folder, as SAELens loads it (this module's import registered the
-    TopK transcoder)."""
-    return SAE.load_from_disk(path)
-

@@ -5,6 +5,7 @@ nothing already on disk touched, for every script (prepare.py's own inputs: test
 import os
 import re
 import shutil
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -84,11 +85,12 @@ def test_bad_command_line_input_fails_in_one_line_and_touches_nothing(row, refer
     args = command_line(row, tmp_path, reference.out)
     monkeypatch.chdir(tmp_path)
     before = fingerprint(tmp_path)
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(SystemExit) as e, warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")  # a real process would print each on stderr
         run_main(row[1], *args)
     error = str(e.value.code)
     assert error.startswith("error: ") and "\n" not in error and row[3].format(d=tmp_path) in error
-    assert capsys.readouterr().err == ""  # nothing else on stderr
+    assert capsys.readouterr().err == "" and not warned  # nothing else on stderr
     assert fingerprint(tmp_path) == before  # nothing created, replaced or written over
 
 

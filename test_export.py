@@ -2,6 +2,7 @@
 SAELens) gives this project's logits and neurons, on conftest's tiny TopK run and its dense twin."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ if os.environ.get("TOPK_INTEROP_REQUIRED") != "1":  # .ci/run sets it: in CI the
         pytest.importorskip(package, reason="the optional interop packages: pip install -r requirements-interop.txt")
 
 from sae_lens import SAE  # noqa: E402 (after the check that they are installed)
+from transformer_lens import HookedTransformerConfig  # noqa: E402
 from transformers import GPT2LMHeadModel  # noqa: E402
 
 import interop  # noqa: E402
@@ -84,22 +86,50 @@ def test_transformer_lens_hook_post_holds_the_same_k_neurons_with_the_same_value
         torch.testing.assert_close(post, acts[layer], rtol=1e-5, atol=1e-6)
 
 
-def test_saelens_loads_each_topk_mlp_as_a_transcoder_that_encodes_the_neurons_and_decodes_the_mlp_output(
-        tiny_runs, export):
+def fvu(estimate, target):
+    return ((estimate - target).pow(2).sum() / (target - target.mean((0, 1))).pow(2).sum()).item()
+
+
+def test_saelens_loads_each_topk_mlp_as_a_transcoder_reading_transformer_lens_hooks(tiny_runs, export):
     folder = export(tiny_runs / 'topk', 'saelens')
     assert sorted(p.name for p in folder.iterdir()) == ['layer_0', 'layer_1']
-    _, acts, io = ours(tiny_runs / 'topk', tokens())
+    tl = interop.load_transformer_lens(export(tiny_runs / 'topk', 'transformer_lens'))
+    with torch.no_grad():
+        _, cache = tl.run_with_cache(tokens())
     for layer in TOPK_LAYERS:
         sae = SAE.load_from_disk(folder / f'layer_{layer}')  # registered by importing interop
-        assert sae.cfg.metadata.hook_name == f'blocks.{layer}.ln2.hook_normalized'
-        assert sae.cfg.metadata.hook_name_out == f'blocks.{layer}.hook_mlp_out'
-        mlp_in, mlp_out = io[layer]
+        hook_in, hook_out = sae.cfg.metadata.hook_name, sae.cfg.metadata.hook_name_out
+        assert (hook_in, hook_out) == (f'blocks.{layer}.ln2.hook_normalized', f'blocks.{layer}.hook_mlp_out')
         with torch.no_grad():
-            z = sae.encode(mlp_in)
+            z = sae.encode(cache[hook_in])
             out = sae.decode(z)
-        torch.testing.assert_close(z, acts[layer], rtol=1e-5, atol=1e-6)
-        fvu = (out - mlp_out).pow(2).sum() / (mlp_out - mlp_out.mean((0, 1))).pow(2).sum()
-        assert fvu.item() < 1e-10
+        torch.testing.assert_close(z, cache[f'blocks.{layer}.mlp.hook_post'], rtol=1e-5, atol=1e-6)
+        assert fvu(out, cache[hook_out]) < 1e-10
+
+
+def randomised_layernorms(model):
+    """LayerNorm weights and biases far from their initial 1 and 0, so that folding them shows."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.ln_2.weight.copy_(1 + torch.rand(block.ln_2.weight.shape, generator=g))
+            if block.ln_2.bias is not None:
+                block.ln_2.bias.copy_(torch.randn(block.ln_2.bias.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize('bias', [True, False])
+def test_the_transcoder_folds_ln_2_so_that_it_reads_hook_normalized(tiny_model, bias):
+    model = randomised_layernorms(tiny_model(bias=bias))
+    model.set_alpha(0.0)
+    args, weights = interop.tl_weights(model)
+    tl = interop.hooked(HookedTransformerConfig(**args), weights, model.config.topk, model.config.n_nontopk)
+    with torch.no_grad():
+        _, cache = tl.run_with_cache(tokens())
+        sae = interop.mlp_transcoder(model, 1, {})
+        z = sae.encode(cache['blocks.1.ln2.hook_normalized'])
+        torch.testing.assert_close(z, cache['blocks.1.mlp.hook_post'], rtol=1e-5, atol=1e-5)
+        assert fvu(sae.decode(z), cache['blocks.1.hook_mlp_out']) < 1e-10
 
 
 @pytest.mark.parametrize('kind', ['sae', 'transcoder'])
@@ -114,26 +144,27 @@ def test_a_dictionary_of_sae_py_exports_to_saelens_with_its_latents_and_reconstr
     save_dictionary(tmp_path / 'coder.pt', coder, dict(kind=kind, layer=1, d_in=32, n_latents=64, k=4,
                                                         model_args=model_shape(model)))
     sae = SAE.load_from_disk(export(tiny_runs / 'dense', 'saelens', f'--dictionary={tmp_path / "coder.pt"}'))
-    x = torch.randn(10, 32)
+    normalized = torch.randn(10, 32)  # what a transcoder's hook, blocks.1.ln2.hook_normalized, holds
+    ln = model.transformer.h[1].ln_2
+    x = normalized if kind == 'sae' else normalized * ln.weight + ln.bias  # the coder's own input
     with torch.no_grad():
         reconstruction, z, _ = coder(x)
-        torch.testing.assert_close(sae.encode(x), z, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(sae.decode(sae.encode(x)), reconstruction, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(sae.encode(normalized), z, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(sae.decode(sae.encode(normalized)), reconstruction, rtol=1e-5, atol=1e-6)
     assert sae.cfg.metadata.hook_name == ('blocks.1.hook_mlp_out' if kind == 'sae' else 'blocks.1.ln2.hook_normalized')
 
 
-def test_a_model_without_biases_becomes_a_gpt2_with_zero_biases_and_the_same_logits(tiny_model):
+def test_a_model_without_biases_becomes_a_gpt2_with_the_same_logits(tiny_model):
     model = tiny_model(bias=False)
     model.set_alpha(0.0)
-    hf = interop.to_hf(model)
-    assert (hf.transformer.h[0].mlp.c_fc.bias == 0).all() and (hf.transformer.ln_f.bias == 0).all()
     with torch.no_grad():
-        assert max_relative_difference(hf(tokens()).logits, model(tokens(), tokens())[0]) <= 1e-5
+        assert max_relative_difference(interop.to_hf(model)(tokens()).logits, model(tokens(), tokens())[0]) <= 1e-5
 
 
 def test_a_checkpoint_of_the_series_is_exported_by_name(tiny_runs, export):
     folder = export(tiny_runs / 'topk', 'hf', '--ckpt=ckpt_000004.pt')
     logits, _, _ = ours(tiny_runs / 'topk' / 'ckpt_000004.pt', tokens())
+    assert max_relative_difference(logits, ours(tiny_runs / 'topk', tokens())[0]) > 1e-4  # not the final model's
     with torch.no_grad():
         assert max_relative_difference(interop.load_hf(folder)(tokens()).logits, logits) <= 1e-5
 
@@ -158,12 +189,16 @@ def another_version(tmp_path, run):
     ('dest holding files', ['--format=hf', '--dest={d}/full'], '--dest={d}/full already holds files'),
     ('saelens of a dense run', ['--out_dir={dense}', '--format=saelens'], "--format=saelens exports the TopK blocks' MLPs"),
     ('another model version', ['--out_dir={d}/other', '--format=hf'], 'checkpoint {d}/other does not fit the model'),
+    ('dest holding the run', ['--out_dir={d}/run', '--format=hf', '--dest={d}', '--overwrite=True'],
+     '--dest={d} holds {d}/run, which an export must not replace'),
 ])
 def test_bad_input_fails_in_one_line_and_leaves_no_partial_folder(tiny_runs, run_main, tmp_path, case, flags, message):
     (tmp_path / 'full').mkdir()
     (tmp_path / 'full' / 'kept.txt').write_text('mine')
     (tmp_path / 'other').mkdir()
     another_version(tmp_path, tiny_runs / 'topk')
+    (tmp_path / 'run').mkdir()
+    shutil.copy(tiny_runs / 'topk' / 'ckpt.pt', tmp_path / 'run')
     values = dict(d=tmp_path, dense=tiny_runs / 'dense')
     flags = [f.format(**values) for f in flags]
     if not any(f.startswith('--dest') for f in flags):
