@@ -28,7 +28,7 @@ import interop
 from common import UMASK
 from configurator import configure, die
 from dictionary import load_dictionary, model_shape
-from model import load_model
+from model import load_model, topk_layers
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the run to export
@@ -53,13 +53,12 @@ def write_transformer_lens(model, folder):
         json.dump({**args, 'topk': model.config.topk, 'n_nontopk': model.config.n_nontopk}, f, indent=1)
 
 
-def write_saelens(model, folder, source):
-    if dictionary:
-        coder, meta = load_dictionary(dictionary)
-        interop.dictionary_sae(coder, meta, model, dict(model_name=source)).save_model(folder)
+def write_saelens(model, folder, source, coded):
+    if coded:
+        interop.dictionary_sae(*coded, model, dict(model_name=source)).save_model(folder)
         return
     c = model.config
-    for layer in interop.topk_layers(c.n_layer, c.topk, c.n_nontopk):
+    for layer in topk_layers(c.n_layer, c.topk, c.n_nontopk):
         interop.mlp_transcoder(model, layer, dict(model_name=source)).save_model(os.path.join(folder, f'layer_{layer}'))
 
 
@@ -75,18 +74,18 @@ def checkpoint_path():
     die(f"--ckpt={ckpt} is neither a file in {out_dir} nor a path; the series there: {', '.join(series) or 'none'}")
 
 
-def checked_target(source, model):
+def checked_target(source, model, coded):
     """--dest, once every check that can refuse the export has passed (before anything is written)."""
     if format not in FORMATS:
         die(f"--format={format} is not one of {', '.join(FORMATS)}")
     if dictionary and format != 'saelens':
         die(f"--dictionary goes with --format=saelens, not --format={format}")
     c = model.config
-    if format == 'saelens' and not dictionary and not interop.topk_layers(c.n_layer, c.topk, c.n_nontopk):
+    if format == 'saelens' and not dictionary and not topk_layers(c.n_layer, c.topk, c.n_nontopk):
         die(f"--format=saelens exports the TopK blocks' MLPs, and {source} has none (topk={c.topk}, "
             f"n_nontopk={c.n_nontopk} of {c.n_layer} blocks); give --dictionary=FILE of sae.py for a dense run")
-    if dictionary:
-        _, meta = load_dictionary(dictionary)
+    if coded:
+        meta = coded[1]
         if meta.get('model_args') != model_shape(model):
             die(f"--dictionary={dictionary} was trained on another model ({meta.get('model_args')}), not on {source}")
     target = os.path.abspath(dest or os.path.join(out_dir, f'export_{format}'))
@@ -103,7 +102,8 @@ def checked_target(source, model):
 def main():
     source = checkpoint_path()
     model, _ = load_model(source)
-    target = checked_target(source, model)
+    coded = load_dictionary(dictionary) if dictionary else None  # (coder, meta)
+    target = checked_target(source, model, coded)
     parent = os.path.dirname(target)
     try:
         os.makedirs(parent, exist_ok=True)
@@ -117,7 +117,7 @@ def main():
             elif format == 'transformer_lens':
                 write_transformer_lens(model, tmp)
             else:
-                write_saelens(model, tmp, source)
+                write_saelens(model, tmp, source, coded)
         for folder, _, files in os.walk(tmp):  # mkdtemp and safetensors make owner-only modes: use the usual ones
             os.chmod(folder, 0o777 & ~UMASK)
             for name in files:

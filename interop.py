@@ -35,33 +35,27 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from model import TopK
+from model import TopK, topk_layers
 
 # nn.Linear keeps (out, in), GPT-2's Conv1D (in, out): these four weights are transposed
 CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
 
 
-def topk_layers(n_layer, topk, n_nontopk):
-    return list(range(n_layer - n_nontopk)) if topk else []
-
-
 # -----------------------------------------------------------------------------
 # Hugging Face transformers
 
-def hf_config(model_args):
-    a = model_args
-    return GPT2Config(vocab_size=a['vocab_size'], n_positions=a['block_size'], n_embd=a['n_embd'],
-                      n_layer=a['n_layer'], n_head=a['n_head'], activation_function='gelu',  # exact, not tanh
+def hf_config(c):
+    """GPT2Config of a GPTConfig c, with topk and n_nontopk as extra keys of config.json."""
+    return GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
+                      n_layer=c.n_layer, n_head=c.n_head, activation_function='gelu',  # exact, not tanh
                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
                       tie_word_embeddings=True, bos_token_id=50256, eos_token_id=50256,
-                      architectures=['GPT2LMHeadModel'], topk=a['topk'], n_nontopk=a['n_nontopk'])
+                      architectures=['GPT2LMHeadModel'], topk=c.topk, n_nontopk=c.n_nontopk)
 
 
 def to_hf(model):
     """A GPT2LMHeadModel holding model's weights, with the TopK activation in its TopK blocks."""
-    c = model.config
-    hf = GPT2LMHeadModel(hf_config({k: getattr(c, k) for k in ('vocab_size', 'block_size', 'n_embd', 'n_layer',
-                                                                 'n_head', 'topk', 'n_nontopk')}))
+    hf = GPT2LMHeadModel(hf_config(model.config))
     ours = model.state_dict()
     assert set(ours) <= set(hf.state_dict()), set(ours) - set(hf.state_dict())  # no weight left behind
     with torch.no_grad():

@@ -77,6 +77,11 @@ class TopK(nn.Module):
         return F.gelu(x) * (self.alpha + (1 - self.alpha) * m)
 
 
+def topk_layers(n_layer, topk, n_nontopk):
+    """The blocks whose MLP is TopK: all but the last n_nontopk, none in a dense model (topk = 0)."""
+    return list(range(n_layer - n_nontopk)) if topk else []
+
+
 def annealed_alpha(it, annealing_ratio, max_iters):
     """alpha at training iteration it: 1 (dense) at the start, linearly to 0 (exactly k) at
     annealing_ratio * max_iters, 0 from then on (the paper's linear schedule)."""
@@ -165,12 +170,12 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        n_topk = config.n_layer - config.n_nontopk if config.topk else 0
+        sparse = topk_layers(config.n_layer, config.topk, config.n_nontopk)
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config, config.topk if i < n_topk else 0)
+            h=nn.ModuleList([Block(config, config.topk if i in sparse else 0)
                              for i in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))

@@ -27,7 +27,7 @@ from analysis import analyse, mean_over_firing, semantic_clusters
 from common import atomic_write, resolve_device, run_checkpoints
 from configurator import configure, die
 from dictionary import attached, initial_coders, load_dictionary, model_shape, save_dictionary, train_dictionaries
-from model import load_model
+from model import load_model, topk_layers
 from neurons import capture, run_eval_tokens
 from search import concept_words
 from steer import steer_concept
@@ -247,7 +247,7 @@ def load_twins(dev):
               if getattr(cfg, k) != getattr(dense.config, k)]
     if differ:
         die(f"--compare={compare} and --out_dir={out_dir} are not twins: they differ in {', '.join(differ)}")
-    sites = list(range(cfg.n_layer - cfg.n_nontopk))
+    sites = topk_layers(cfg.n_layer, cfg.topk, cfg.n_nontopk)
     if layer != -1:
         if layer not in sites:
             die(f"--layer must be one of the TopK run's sparse layers {sites}, got {layer}")
