@@ -206,19 +206,25 @@ def attach_file(model, path):
 # training on activations
 
 
-def activation_batches(model, layers, data_dir, n_tokens, batch_tokens, seed):
-    """{layer: (MLP input, MLP output)} rows for batches of random windows of the train shards."""
+def train_windows(data_dir, block_size, n_tokens, batch_tokens, seed):
+    """Batches (n_seq, block_size) of random windows of the train shards, about n_tokens in all:
+    the tokens every dictionary trains on, whichever trainer reads them."""
     shards = [read_shard(p) for p in shard_paths(data_dir, 'train')]
-    T = model.config.block_size
+    T = block_size
     room = np.array([max(len(s) - T, 0) for s in shards])
     if not room.sum():
         die(f"the train shards in {data_dir} are no longer than block_size {T}")
     rng, n_seq = np.random.default_rng(seed), max(1, batch_tokens // T)
-    dev = next(model.parameters()).device
     for _ in range(max(1, n_tokens // (n_seq * T))):
         which = rng.choice(len(shards), size=n_seq, p=room / room.sum())
-        x = torch.stack([torch.from_numpy(shards[s][o:o + T].astype(np.int64))
-                         for s, o in zip(which, (rng.integers(0, room[s]) for s in which))])
+        yield torch.stack([torch.from_numpy(shards[s][o:o + T].astype(np.int64))
+                           for s, o in zip(which, (rng.integers(0, room[s]) for s in which))])
+
+
+def activation_batches(model, layers, data_dir, n_tokens, batch_tokens, seed):
+    """{layer: (MLP input, MLP output)} rows for batches of train_windows."""
+    dev = next(model.parameters()).device
+    for x in train_windows(data_dir, model.config.block_size, n_tokens, batch_tokens, seed):
         with torch.no_grad(), capture(model, layers, mlp_io=True) as io:
             model(x.to(dev))
         yield {l: (h.flatten(0, 1), y.flatten(0, 1)) for l, (h, y) in io.items()}

@@ -43,6 +43,7 @@ FORMATS = ('hf', 'transformer_lens', 'saelens')
 
 def write_hf(model, folder):
     interop.to_hf(model).save_pretrained(folder)  # safetensors; config.json has topk, n_nontopk
+    interop.write_tokenizer(folder)
 
 
 def write_transformer_lens(model, folder):
@@ -51,6 +52,7 @@ def write_transformer_lens(model, folder):
     save_file({k: v.detach().clone().contiguous() for k, v in weights.items()}, os.path.join(folder, 'model.safetensors'))
     with open(os.path.join(folder, 'config.json'), 'w') as f:
         json.dump({**args, 'topk': model.config.topk, 'n_nontopk': model.config.n_nontopk}, f, indent=1)
+    interop.write_tokenizer(folder)
 
 
 def write_saelens(model, folder, source, coded):

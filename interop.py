@@ -14,8 +14,8 @@ and applies GELU to them, the rest are 0. So:
                     activation as blocks.L.mlp.act_fn: the neurons are blocks.L.mlp.hook_post.
   SAELens           each TopK block's MLP is a TopK transcoder with no reconstruction error,
                     from blocks.L.ln2.hook_normalized to blocks.L.hook_mlp_out: encoder c_fc
-                    (with ln_2's weight and bias folded in, since TransformerLens hooks the
-                    normalized vector before them), decoder c_proj. SAELens's own TopK applies
+                    (with ln_2's weight and bias folded in under TransformerLens 3, which hooks
+                    the normalized vector before them), decoder c_proj. SAELens's own TopK applies
                     ReLU to the kept values, so the architecture "topk_lm_transcoder" below,
                     registered through sae_lens.registry, applies GELU (or ReLU, for sae.py's
                     transcoders).
@@ -23,22 +23,41 @@ and applies GELU to them, the rest are 0. So:
 import json
 import os
 from dataclasses import dataclass
+from importlib.metadata import version
 
 import torch
 from sae_lens import TopKSAE, TopKSAEConfig
 from sae_lens.registry import SAE_CLASS_REGISTRY, register_sae_class
 from sae_lens.saes.sae import SAEMetadata
+from sae_lens.saes.topk_sae import TopK as SAELensTopK
 from sae_lens.saes.transcoder import Transcoder, TranscoderConfig
 from safetensors.torch import load_file
+from tiktoken.load import read_file_cached
 from torch.nn import functional as F
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
 from model import TopK, topk_layers
 
 # nn.Linear keeps (out, in), GPT-2's Conv1D (in, out): these four weights are transposed
 CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+
+
+# GPT-2's own tokenizer files, the ones tiktoken reads its 'gpt2' encoding from (and caches, so this
+# works offline wherever tiktoken does); transformers reads them as vocab.json and merges.txt
+GPT2_FILES = {'vocab.json': 'https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json',
+              'merges.txt': 'https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe'}
+
+
+def write_tokenizer(folder):
+    """GPT-2's tokenizer into folder: AutoTokenizer.from_pretrained(folder) then loads it offline
+    (tokenizer_config.json names its class, so no transformers config.json is needed)."""
+    for name, url in GPT2_FILES.items():
+        with open(os.path.join(folder, name), 'wb') as f:
+            f.write(read_file_cached(url))
+    with open(os.path.join(folder, 'tokenizer_config.json'), 'w') as f:
+        json.dump({'tokenizer_class': 'GPT2Tokenizer'}, f)
 
 
 # -----------------------------------------------------------------------------
@@ -100,10 +119,11 @@ def tl_weights(model):
     return args, convert_gpt2_weights(to_hf(model), HookedTransformerConfig(**args))
 
 
-def hooked(cfg, state_dict, topk, n_nontopk):
+def hooked(cfg, state_dict, topk, n_nontopk, tokenizer=None, cls=HookedTransformer):
     """The weights unprocessed: LayerNorm folding and centring would change the weights and the
-    residual stream that this project's analysis reads; the neurons are blocks.L.mlp.hook_post."""
-    tl = HookedTransformer(cfg)
+    residual stream that this project's analysis reads; the neurons are blocks.L.mlp.hook_post.
+    cls: HookedTransformer or a subclass (SAELens's HookedSAETransformer, which SAEDashboard runs)."""
+    tl = cls(cfg, tokenizer=tokenizer)
     tl.load_and_process_state_dict(state_dict, fold_ln=False, center_writing_weights=False,
                                    center_unembed=False, fold_value_biases=False)
     for layer in topk_layers(cfg.n_layers, topk, n_nontopk):
@@ -111,14 +131,15 @@ def hooked(cfg, state_dict, topk, n_nontopk):
     return tl.eval()
 
 
-def load_transformer_lens(path):
+def load_transformer_lens(path, cls=HookedTransformer):
     """A folder written by `export.py --format=transformer_lens` (TransformerLens's weight names in
-    model.safetensors; config.json: HookedTransformerConfig's arguments, topk and n_nontopk)."""
+    model.safetensors; config.json: HookedTransformerConfig's arguments, topk and n_nontopk; GPT-2's
+    tokenizer files, so that to_tokens and to_str_tokens work)."""
     with open(os.path.join(path, 'config.json')) as f:
         config = json.load(f)
     topk, n_nontopk = config.pop('topk'), config.pop('n_nontopk')
     return hooked(HookedTransformerConfig(**config), load_file(os.path.join(path, 'model.safetensors')),
-                  topk, n_nontopk)
+                  topk, n_nontopk, GPT2TokenizerFast.from_pretrained(path), cls)
 
 
 # -----------------------------------------------------------------------------
@@ -137,14 +158,33 @@ class TopKTranscoderConfig(TranscoderConfig):
         return ARCHITECTURE
 
 
+class KeptTopK(SAELensTopK):
+    """The k largest pre-activations through GELU (a TopK LM) or ReLU (sae.py's transcoders), the
+    rest 0. A subclass of SAELens's TopK (which applies ReLU), so that tools checking for a TopK
+    activation treat it as one: SAEDashboard then encodes every latent and picks the features
+    it shows, where for other activations it would drop the rest from the encoder first."""
+
+    def __init__(self, k, activation):
+        super().__init__(k)
+        self.activation = activation
+
+    def forward(self, x):
+        top = x.topk(self.k, dim=-1)
+        values = F.gelu(top.values) if self.activation == 'gelu' else top.values.relu()
+        return torch.zeros_like(x).scatter(-1, top.indices, values)
+
+
 class TopKTranscoder(Transcoder):
     """A transcoder whose latents are the k largest pre-activations through GELU or ReLU."""
 
-    def encode(self, x):
-        pre = self.hook_sae_acts_pre(self.process_sae_in(x) @ self.W_enc + self.b_enc)
-        top = pre.topk(self.cfg.k, dim=-1)
-        values = F.gelu(top.values) if self.cfg.activation == 'gelu' else top.values.relu()
-        return self.hook_sae_acts_post(torch.zeros_like(pre).scatter(-1, top.indices, values))
+    def get_activation_fn(self):
+        return KeptTopK(self.cfg.k, self.cfg.activation)
+
+    def fold_W_dec_norm(self):
+        """Nothing to fold. Folding rescales latent j by its decoder norm, and the k kept would then
+        be the largest of the rescaled pre-activations: other latents than the model's (SAELens's
+        own TopK refuses to fold for this reason). SAEDashboard calls it before reading features,
+        which therefore shows the neurons as the model computes them."""
 
     @classmethod
     def from_dict(cls, config_dict):
@@ -158,12 +198,19 @@ elif registered[0].__qualname__ != TopKTranscoder.__qualname__:  # the same clas
     raise RuntimeError(f"SAELens already has another class for {ARCHITECTURE!r}: {registered[0]}")
 
 
-def folded_encoder(ln, fc):
-    """(W_enc, b_enc) that read TransformerLens's blocks.L.ln2.hook_normalized, which comes before
-    LayerNorm's weight w and bias b: fc(n * w + b) = (W_fc * w) n + (W_fc b + b_fc)."""
-    w_enc = (fc.weight * ln.weight).t()
-    b_enc = zeros_if_none(fc.bias, fc.out_features) + (fc.weight @ ln.bias if ln.bias is not None else 0)
-    return w_enc, b_enc
+# TransformerLens 3 hooks ln2.hook_normalized before LayerNorm's weight and bias, 2.x after them (at
+# the MLP's input itself): a SAELens folder reads what the TransformerLens it was exported with hooks
+HOOK_BEFORE_AFFINE = int(version('transformer-lens').split('.')[0]) >= 3
+
+
+def mlp_input_encoder(ln, fc, before_affine=HOOK_BEFORE_AFFINE):
+    """(W_enc, b_enc) of fc reading blocks.L.ln2.hook_normalized: the MLP input n * w + b itself
+    (before_affine=False), or n before LayerNorm's weight w and bias b, folded into the encoder:
+    fc(n * w + b) = (W_fc * w) n + (W_fc b + b_fc)."""
+    b_fc = zeros_if_none(fc.bias, fc.out_features)
+    if not before_affine:
+        return fc.weight.t(), b_fc
+    return (fc.weight * ln.weight).t(), b_fc + (fc.weight @ ln.bias if ln.bias is not None else 0)
 
 
 def zeros_if_none(bias, size):  # a run trained with bias=False
@@ -171,22 +218,22 @@ def zeros_if_none(bias, size):  # a run trained with bias=False
 
 
 def mlp_transcoder(model, layer, metadata):
-    """TopK block `layer`'s MLP as a SAELens TopKTranscoder from blocks.L.ln2.hook_normalized (ln_2
-    folded into the encoder) to blocks.L.hook_mlp_out: exactly the MLP, its latents the neurons."""
+    """TopK block `layer`'s MLP as a SAELens TopKTranscoder from blocks.L.ln2.hook_normalized
+    (mlp_input_encoder) to blocks.L.hook_mlp_out: exactly the MLP, its latents the neurons."""
     block = model.transformer.h[layer]
     d, d_ff = block.mlp.c_fc.in_features, block.mlp.c_fc.out_features
     cfg = TopKTranscoderConfig(d_in=d, d_sae=d_ff, d_out=d, k=model.config.topk, activation='gelu',
                                apply_b_dec_to_input=False, metadata=SAEMetadata(
                                    hook_name=f'blocks.{layer}.ln2.hook_normalized',
                                    hook_name_out=f'blocks.{layer}.hook_mlp_out', **metadata))
-    return filled(TopKTranscoder(cfg), *folded_encoder(block.ln_2, block.mlp.c_fc), block.mlp.c_proj.weight.t(),
+    return filled(TopKTranscoder(cfg), *mlp_input_encoder(block.ln_2, block.mlp.c_fc), block.mlp.c_proj.weight.t(),
                   zeros_if_none(block.mlp.c_proj.bias, d))
 
 
 def dictionary_sae(coder, meta, model, metadata):
     """A dictionary of sae.py as SAELens reads it: an SAE is SAELens's own TopK SAE of the MLP
     output (b_pre is its b_dec, subtracted before encoding); a transcoder is a TopKTranscoder
-    with ReLU from blocks.L.ln2.hook_normalized (the model's ln_2 folded into its encoder) to the
+    with ReLU from blocks.L.ln2.hook_normalized (mlp_input_encoder of the model's ln_2) to the
     MLP output (b_pre is its output bias)."""
     layer, d, n = meta['layer'], meta['d_in'], meta['n_latents']
     if meta['kind'] == 'sae':
@@ -197,7 +244,7 @@ def dictionary_sae(coder, meta, model, metadata):
                                               apply_b_dec_to_input=False, metadata=SAEMetadata(
                                                   hook_name=f'blocks.{layer}.ln2.hook_normalized',
                                                   hook_name_out=f'blocks.{layer}.hook_mlp_out', **metadata)))
-    return filled(sae, *folded_encoder(model.transformer.h[layer].ln_2, coder.encoder), coder.decoder.weight.t(),
+    return filled(sae, *mlp_input_encoder(model.transformer.h[layer].ln_2, coder.encoder), coder.decoder.weight.t(),
                   coder.b_pre)
 
 

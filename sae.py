@@ -32,6 +32,11 @@ from neurons import capture, run_eval_tokens
 from search import concept_words
 from steer import steer_concept
 
+try:  # optional (requirements-interop.txt): --trainer=sparsify
+    import sparsify_train
+except ModuleNotFoundError as e:
+    sparsify_train, missing = None, e.name
+
 # -----------------------------------------------------------------------------
 out_dir = 'out-dense'  # the dense twin (topk = 0) whose MLPs the dictionaries read; they go to OUT_DIR/sae/
 compare = ''  # the TopK run: its k, its TopK layers (the sites) and its checkpoints
@@ -39,9 +44,10 @@ kind = 'both'  # 'sae', 'transcoder' or 'both'
 layer = -1  # one site only; -1 = every layer the TopK run makes sparse
 n_tokens = 1_000_000  # training tokens per dictionary (activations streamed from the train shards)
 batch_size = 4096  # tokens per step
-lr = 0.0  # Adam learning rate; 0 = 2e-4 / sqrt(n_latents / 2^14)
-aux_coef = 1 / 32  # weight of the AuxK loss
-dead_tokens = 100_000  # a latent that has not fired in this many training tokens is dead (AuxK)
+trainer = 'sparsify'  # 'sparsify' (EleutherAI sparsify, its defaults) or 'own' (dictionary.py's, Adam + AuxK)
+lr = 0.0  # learning rate; 0 = the trainer's rule (own: 2e-4, sparsify: 5e-3, over sqrt(n_latents / 2^14))
+aux_coef = 1 / 32  # weight of the AuxK loss (own trainer)
+dead_tokens = 100_000  # a latent that has not fired in this many training tokens is dead (AuxK, own trainer)
 seed = 0  # initialisation and data order
 retrain = False  # retrain dictionaries that OUT_DIR/sae/ already holds with the same settings
 stability = True  # also train a second seed, and a dictionary on an earlier checkpoint
@@ -204,7 +210,8 @@ def obtain_dictionaries(checkpoints, sites, wanted, k, settings, folder, main_se
         if not todo:
             continue
         model, ckpt = load_model(source, dev)
-        trained, seconds, tokens = train_dictionaries(model, sites, todo, ckpt['config']['data_dir'], k, settings,
+        train = sparsify_train.train_dictionaries if settings['trainer'] == 'sparsify' else train_dictionaries
+        trained, seconds, tokens = train(model, sites, todo, ckpt['config']['data_dir'], k, settings,
                                                       f"{' + '.join(f'{kd} seed {s}' for kd, s in todo)}, iter {it}")
         for (kd, s, l), coder in trained.items():
             info = dict(tokens=tokens, seconds=seconds[kd, s], dictionaries=len(sites))
@@ -222,6 +229,11 @@ def obtain_dictionaries(checkpoints, sites, wanted, k, settings, folder, main_se
 def checked_flags():
     if not compare:
         die("give --compare=OUT_DIR of the TopK run whose budget and sites the dictionaries share")
+    if trainer not in ('sparsify', 'own'):
+        die(f"--trainer must be sparsify or own, got {trainer!r}")
+    if trainer == 'sparsify' and sparsify_train is None:
+        die(f"--trainer=sparsify needs EleutherAI sparsify and transformers (no module {missing!r}): "
+            "pip install -r requirements-interop.txt, or give --trainer=own")
     if kind not in ('sae', 'transcoder', 'both'):
         die(f"--kind must be sae, transcoder or both, got {kind!r}")
     for flag, v in (('n_tokens', n_tokens), ('batch_size', batch_size), ('dead_tokens', dead_tokens),
@@ -290,7 +302,7 @@ def stability_of(sae_final, sae_other_seed, sae_early, checkpoints, topk_model, 
     """Is it the same dictionary again? SAEs of two seeds, and of two checkpoints, matched one to
     one; the TopK LM's neurons at two checkpoints, neuron j against neuron j."""
     sites, cfg = list(sae_final), topk_model.config
-    initial = initial_coders(cfg.n_embd, sae_final[sites[0]].encoder.out_features, cfg.topk, 'sae', seed, sites)
+    initial = (sparsify_train.initial_coders if trainer == 'sparsify' else initial_coders)(cfg.n_embd, sae_final[sites[0]].encoder.out_features, cfg.topk, 'sae', seed, sites)
     early_iter, early_path = checkpoints['early']
     early_tables = tables_of(load_model(early_path, dev)[0], sae_early)
     topk_early_iter, topk_early_path = snapshot_near(compare, early)
@@ -330,8 +342,8 @@ def main():
     cfg = topk_model.config
     kinds = ['sae', 'transcoder'] if kind == 'both' else [kind]
     checkpoints, wanted = planned(kinds, dense_ckpt, topk_ckpt)
-    settings = dict(n_tokens=n_tokens, batch_size=batch_size, lr=lr, aux_coef=aux_coef, dead_tokens=dead_tokens,
-                    seed=seed)
+    settings = dict(trainer=trainer, n_tokens=n_tokens, batch_size=batch_size, lr=lr, seed=seed,
+                    **(dict(aux_coef=aux_coef, dead_tokens=dead_tokens) if trainer == 'own' else {}))
     folder = os.path.join(out_dir, 'sae')
     coders, training = obtain_dictionaries(checkpoints, sites, wanted, cfg.topk, settings, folder, seed, retrain, dev)
     group = lambda kd, name='final', s=seed: {l: coders[kd, s, name, l] for l in sites}  # one coder per site

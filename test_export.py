@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 if os.environ.get("TOPK_INTEROP_REQUIRED") != "1":  # .ci/run sets it: in CI these tests must run
     for package in ("safetensors", "transformers", "transformer_lens", "sae_lens"):
@@ -13,9 +14,10 @@ if os.environ.get("TOPK_INTEROP_REQUIRED") != "1":  # .ci/run sets it: in CI the
 
 from sae_lens import SAE  # noqa: E402 (after the check that they are installed)
 from transformer_lens import HookedTransformerConfig  # noqa: E402
-from transformers import GPT2LMHeadModel  # noqa: E402
+from transformers import AutoTokenizer, GPT2LMHeadModel  # noqa: E402
 
 import interop  # noqa: E402
+from common import get_encoding  # noqa: E402
 from conftest import fingerprint  # noqa: E402
 from dictionary import SparseCoder, model_shape, save_dictionary  # noqa: E402
 from model import load_model  # noqa: E402
@@ -56,6 +58,14 @@ def test_a_dense_run_loads_in_transformers_alone_with_this_projects_logits(tiny_
     with torch.no_grad():
         logits = hf(tokens()).logits
     assert logits.shape[-1] == 50304 and max_relative_difference(logits, ours(tiny_runs / 'dense', tokens())[0]) <= 1e-5
+
+
+def test_the_hf_and_transformer_lens_folders_carry_gpt2s_tokenizer(tiny_runs, export):
+    text = "The rain in Spain, 1999.\n<|endoftext|> café"
+    tokenizer = AutoTokenizer.from_pretrained(export(tiny_runs / 'dense', 'hf'))  # offline, from the folder
+    assert tokenizer.encode(text) == get_encoding().encode(text, allowed_special='all')
+    tl = interop.load_transformer_lens(export(tiny_runs / 'dense', 'transformer_lens'))
+    assert tl.to_tokens(text, prepend_bos=False)[0].tolist() == get_encoding().encode(text, allowed_special='all')
 
 
 def test_a_topk_run_through_load_hf_gives_its_logits_and_its_neurons_at_mlp_act(tiny_runs, export):
@@ -119,7 +129,7 @@ def randomised_layernorms(model):
 
 
 @pytest.mark.parametrize('bias', [True, False])
-def test_the_transcoder_folds_ln_2_so_that_it_reads_hook_normalized(tiny_model, bias):
+def test_the_transcoder_reads_the_installed_transformer_lenss_hook_normalized(tiny_model, bias):
     model = randomised_layernorms(tiny_model(bias=bias))
     model.set_alpha(0.0)
     args, weights = interop.tl_weights(model)
@@ -130,6 +140,17 @@ def test_the_transcoder_folds_ln_2_so_that_it_reads_hook_normalized(tiny_model, 
         z = sae.encode(cache['blocks.1.ln2.hook_normalized'])
         torch.testing.assert_close(z, cache['blocks.1.mlp.hook_post'], rtol=1e-5, atol=1e-5)
         assert fvu(sae.decode(z), cache['blocks.1.hook_mlp_out']) < 1e-10
+
+
+@pytest.mark.parametrize('before_affine', [True, False])  # TransformerLens 3 and 2: each one's hook_normalized
+def test_the_encoder_reads_the_mlp_input_from_either_hook_normalized(tiny_model, before_affine):
+    block = randomised_layernorms(tiny_model()).transformer.h[1]
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(0))
+    n = F.layer_norm(x, (32,))  # before the weight and bias
+    w, b = interop.mlp_input_encoder(block.ln_2, block.mlp.c_fc, before_affine)
+    with torch.no_grad():
+        hooked_vector = n if before_affine else block.ln_2(x)
+        torch.testing.assert_close(hooked_vector @ w + b, block.mlp.c_fc(block.ln_2(x)), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('kind', ['sae', 'transcoder'])
@@ -146,7 +167,8 @@ def test_a_dictionary_of_sae_py_exports_to_saelens_with_its_latents_and_reconstr
     sae = SAE.load_from_disk(export(tiny_runs / 'dense', 'saelens', f'--dictionary={tmp_path / "coder.pt"}'))
     normalized = torch.randn(10, 32)  # what a transcoder's hook, blocks.1.ln2.hook_normalized, holds
     ln = model.transformer.h[1].ln_2
-    x = normalized if kind == 'sae' else normalized * ln.weight + ln.bias  # the coder's own input
+    before_affine = kind == 'transcoder' and interop.HOOK_BEFORE_AFFINE  # the installed TransformerLens's hook
+    x = normalized * ln.weight + ln.bias if before_affine else normalized  # the coder's own input
     with torch.no_grad():
         reconstruction, z, _ = coder(x)
         torch.testing.assert_close(sae.encode(normalized), z, rtol=1e-5, atol=1e-6)

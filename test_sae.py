@@ -3,6 +3,7 @@ start), and the comparison end to end on the tiny runs, with its dictionaries th
 steered by analysis.py and steer.py."""
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -66,7 +67,7 @@ def test_initial_coders_rebuild_where_training_started_and_training_moves_away_f
 
 def test_sae_then_its_latents_on_a_page_and_steered_end_to_end(copied_runs, run_main):
     dense, topk = copied_runs / 'dense', copied_runs / 'topk'
-    small = ['--batch_size=256', '--eval_tokens=512', '--top_m=4', '--n_clusters=4']
+    small = ['--trainer=own', '--batch_size=256', '--eval_tokens=512', '--top_m=4', '--n_clusters=4']
     run_main('sae.py', f'--out_dir={dense}', f'--compare={topk}', '--n_tokens=2048', *small)
     result = json.loads((dense / 'sae' / 'comparison.json').read_text())
     assert set(result['routes']) == {'TopK LM neurons', 'dense twin neurons', 'dense + sae', 'dense + transcoder'}
@@ -100,3 +101,9 @@ def test_sae_then_its_latents_on_a_page_and_steered_end_to_end(copied_runs, run_
                        '--max_new_tokens=8', '--prompts=The', '--scales=1,2', '--eval_tokens=1024')
     result = json.loads(printed.strip().splitlines()[-1])
     assert result['layer'] == 0 and all(f.startswith('0:') for f in result['finalists'])  # the dictionary's layer only
+
+
+def test_trainer_sparsify_without_sparsify_installed_says_what_to_install(copied_runs, run_main, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'sparsify_train', None)  # as if it could not be imported
+    with pytest.raises(SystemExit, match=r"--trainer=sparsify needs EleutherAI sparsify .*requirements-interop.txt"):
+        run_main('sae.py', f"--out_dir={copied_runs / 'dense'}", f"--compare={copied_runs / 'topk'}")
