@@ -17,7 +17,8 @@ missed, which gives dead latents a gradient back to life.
 
 A dictionary plugs into a model as a block's `mlp` (DictionarySite) with the interface of an
 MLP: `act` (its latents, hooked like neurons) and `c_proj` (its decoder), so neurons.py, analysis.py
-and steer.py read and steer latents with the code they use for neurons.
+and steer.py read and steer latents with the code they use for neurons. The measurements sae.py
+reports are at the end: splice cost, FVU, and matching two dictionaries.
 """
 import contextlib
 import math
@@ -26,6 +27,8 @@ import time
 import numpy as np
 import torch
 import torch.nn as nn
+from scipy.optimize import linear_sum_assignment
+from torch.nn import functional as F
 from tqdm import tqdm  # installed with datasets
 
 from common import atomic_write, read_shard, shard_paths
@@ -273,3 +276,90 @@ def train_dictionaries(model, layers, specs, data_dir, k, settings, desc):
         t0 = time.time()
     bar.close()
     return {key: t.coder.eval() for key, t in trainers.items()}, seconds, tokens
+
+
+# -----------------------------------------------------------------------------
+# measurements: cost, reconstruction, and whether two dictionaries are the same one
+
+
+@contextlib.contextmanager
+def zeroed(model, layers):
+    """Inside the block, the MLPs of the layers add nothing to the residual stream."""
+    hooks = [model.transformer.h[l].mlp.register_forward_hook(lambda m, i, out: torch.zeros_like(out))
+             for l in layers]
+    try:
+        yield model
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def near_initialisation(coder, initial, threshold=0.7):
+    """Fraction of latents whose decoder direction still has cosine > threshold with the one it
+    started from: how far training moved the dictionary (random directions in d_in dimensions
+    have cosine ~ 1/sqrt(d_in))."""
+    cos = F.cosine_similarity(coder.decoder.weight.detach().float().cpu(), initial.decoder.weight.detach().float().cpu(), dim=0)
+    return float((cos > threshold).float().mean())
+
+
+@torch.no_grad()
+def mean_ce(model, tokens, batch_size=16):
+    """Mean next-token cross-entropy (nats) over every position of the token rows."""
+    total, dev = 0.0, next(model.parameters()).device
+    for b in range(0, len(tokens), batch_size):
+        rows = tokens[b:b + batch_size].to(dev)
+        _, loss = model(rows[:, :-1], rows[:, 1:])
+        total += loss.item() * len(rows)
+    return total / len(tokens)
+
+
+@torch.no_grad()
+def reconstruction(model, coders, tokens, batch_size=16):
+    """{layer: FVU} of each coder on the tokens: sum |y - y_hat|^2 / sum |y - mean(y)|^2, y the
+    MLP output; the denominator from running sums, sum |y|^2 - N |mean(y)|^2."""
+    dev, sums = next(model.parameters()).device, {}
+    for b in range(0, len(tokens), batch_size):
+        with capture(model, list(coders), mlp_io=True) as io:
+            model(tokens[b:b + batch_size].to(dev))
+        for l, coder in coders.items():
+            h, y = (t.flatten(0, 1).float() for t in io[l])
+            err = (coder(h if coder.transcoder else y)[0] - y).pow(2).sum().item()
+            s = sums.setdefault(l, dict(err=0.0, sq=0.0, sum=0.0, n=0))
+            s['err'], s['sq'], s['sum'], s['n'] = (s['err'] + err, s['sq'] + y.pow(2).sum().item(),
+                                                   s['sum'] + y.sum(0).double(), s['n'] + len(y))
+    return {l: s['err'] / (s['sq'] - (s['sum'] / s['n']).pow(2).sum().item() * s['n']) for l, s in sums.items()}
+
+
+def shared_fraction(dec_a, dec_b, threshold=0.7):
+    """Match two dictionaries' elements one to one (the Hungarian assignment on the cosine of their
+    decoder directions, the columns of dec_a and dec_b): (fraction of pairs with cosine above
+    threshold, partner[i] = the element of b matched to element i of a)."""
+    a, b = (F.normalize(d.detach().float(), dim=0).cpu() for d in (dec_a, dec_b))
+    cos = (a.T @ b).numpy()
+    rows, partner = linear_sum_assignment(cos, maximize=True)  # rows is 0..n-1 in order
+    return float((cos[rows, partner] > threshold).mean()), partner
+
+
+def top_token_overlap(ids_a, ids_b, partner):
+    """Mean Jaccard overlap of the top-token sets (analysis tables' top_ids) of element i of a and
+    element partner[i] of b, over the pairs where both fire."""
+    scores = []
+    for i, j in enumerate(partner):
+        a, b = set(ids_a[:, i].tolist()) - {-1}, set(ids_b[:, j].tolist()) - {-1}
+        if a and b:
+            scores.append(len(a & b) / len(a | b))
+    return float(np.mean(scores)) if scores else None
+
+
+def splice_costs(model, coders, tokens, ce_clean):
+    """CE with each coder spliced in alone and with all at once, against zeroing the same MLPs:
+    {layer or 'all': {ce, ppl, ce_zero, loss_recovered}}."""
+    out = {}
+    for key, group in [*((l, {l: c}) for l, c in coders.items()), ('all', coders)]:
+        with attached(model, group, splice=True):
+            ce = mean_ce(model, tokens)
+        with zeroed(model, list(group)):
+            ce_zero = mean_ce(model, tokens)
+        out[key] = dict(ce=ce, ppl=math.exp(ce), ce_zero=ce_zero,
+                        loss_recovered=(ce_zero - ce) / (ce_zero - ce_clean))
+    return out

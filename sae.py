@@ -2,15 +2,16 @@
 The post-hoc route the paper argues against, measured beside a TopK LM: a TopK sparse autoencoder
 (or a transcoder) trained on the dense twin's MLP after the fact, with the same dictionary budget
 as the TopK LM's neurons (n_latents = d_ff, the same k), at each of its TopK sites. dictionary.py
-has the dictionaries and their recipe; this script trains them, keeps them in OUT_DIR/sae/, and
-compares the routes: CE cost of splicing them in, FVU, entropies, stability across seeds and
-checkpoints, and single-feature steering.
+has the dictionaries; this script trains them, by default with EleutherAI sparsify
+(sparsify_train.py, requirements-interop.txt; --trainer=own: dictionary.py's own trainer, which
+needs nothing more but trains weaker dictionaries, RESULTS.md says by how much), keeps them in
+OUT_DIR/sae/, and compares the routes: CE cost of splicing them in, FVU, entropies, stability
+across seeds and checkpoints, and single-feature steering.
 
     python sae.py --out_dir=out-toy-dense --compare=out-toy                 # train, then compare
     python sae.py --out_dir=out-toy-dense --compare=out-toy --kind=sae --layer=1
     python analysis.py --out_dir=out-toy-dense --dictionary=out-toy-dense/sae/sae_layer1.pt --layer=1
 """
-import contextlib
 import json
 import math
 import os
@@ -19,16 +20,15 @@ import matplotlib
 matplotlib.use('Agg')  # files only, no display
 import matplotlib.pyplot as plt
 import numpy as np
-import torch
-from scipy.optimize import linear_sum_assignment
 from torch.nn import functional as F
 
 from analysis import analyse, mean_over_firing, semantic_clusters
 from common import atomic_write, resolve_device, run_checkpoints
 from configurator import configure, die
-from dictionary import attached, initial_coders, load_dictionary, model_shape, save_dictionary, train_dictionaries
+from dictionary import (attached, initial_coders, load_dictionary, mean_ce, model_shape, near_initialisation, reconstruction,
+                        save_dictionary, shared_fraction, splice_costs, top_token_overlap, train_dictionaries)
 from model import load_model, topk_layers
-from neurons import capture, run_eval_tokens
+from neurons import run_eval_tokens
 from search import concept_words
 from steer import steer_concept
 
@@ -60,97 +60,14 @@ device = 'auto'
 # -----------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def zeroed(model, layers):
-    """Inside the block, the MLPs of the layers add nothing to the residual stream."""
-    hooks = [model.transformer.h[l].mlp.register_forward_hook(lambda m, i, out: torch.zeros_like(out))
-             for l in layers]
-    try:
-        yield model
-    finally:
-        for h in hooks:
-            h.remove()
-
-
-def near_initialisation(coder, initial, threshold=0.7):
-    """Fraction of latents whose decoder direction still has cosine > threshold with the one it
-    started from: how far training moved the dictionary (random directions in d_in dimensions
-    have cosine ~ 1/sqrt(d_in))."""
-    cos = F.cosine_similarity(coder.decoder.weight.detach().float().cpu(), initial.decoder.weight.detach().float().cpu(), dim=0)
-    return float((cos > threshold).float().mean())
-
-
 # -----------------------------------------------------------------------------
-# measurements
-
-
-@torch.no_grad()
-def mean_ce(model, tokens, batch_size=16):
-    """Mean next-token cross-entropy (nats) over every position of the token rows."""
-    total, dev = 0.0, next(model.parameters()).device
-    for b in range(0, len(tokens), batch_size):
-        rows = tokens[b:b + batch_size].to(dev)
-        _, loss = model(rows[:, :-1], rows[:, 1:])
-        total += loss.item() * len(rows)
-    return total / len(tokens)
-
-
-@torch.no_grad()
-def reconstruction(model, coders, tokens, batch_size=16):
-    """{layer: FVU} of each coder on the tokens: sum |y - y_hat|^2 / sum |y - mean(y)|^2, y the
-    MLP output; the denominator from running sums, sum |y|^2 - N |mean(y)|^2."""
-    dev, sums = next(model.parameters()).device, {}
-    for b in range(0, len(tokens), batch_size):
-        with capture(model, list(coders), mlp_io=True) as io:
-            model(tokens[b:b + batch_size].to(dev))
-        for l, coder in coders.items():
-            h, y = (t.flatten(0, 1).float() for t in io[l])
-            err = (coder(h if coder.transcoder else y)[0] - y).pow(2).sum().item()
-            s = sums.setdefault(l, dict(err=0.0, sq=0.0, sum=0.0, n=0))
-            s['err'], s['sq'], s['sum'], s['n'] = (s['err'] + err, s['sq'] + y.pow(2).sum().item(),
-                                                   s['sum'] + y.sum(0).double(), s['n'] + len(y))
-    return {l: s['err'] / (s['sq'] - (s['sum'] / s['n']).pow(2).sum().item() * s['n']) for l, s in sums.items()}
-
-
-def shared_fraction(dec_a, dec_b, threshold=0.7):
-    """Match two dictionaries' elements one to one (the Hungarian assignment on the cosine of their
-    decoder directions, the columns of dec_a and dec_b): (fraction of pairs with cosine above
-    threshold, partner[i] = the element of b matched to element i of a)."""
-    a, b = (F.normalize(d.detach().float(), dim=0).cpu() for d in (dec_a, dec_b))
-    cos = (a.T @ b).numpy()
-    rows, partner = linear_sum_assignment(cos, maximize=True)  # rows is 0..n-1 in order
-    return float((cos[rows, partner] > threshold).mean()), partner
-
-
-def top_token_overlap(ids_a, ids_b, partner):
-    """Mean Jaccard overlap of the top-token sets (analysis tables' top_ids) of element i of a and
-    element partner[i] of b, over the pairs where both fire."""
-    scores = []
-    for i, j in enumerate(partner):
-        a, b = set(ids_a[:, i].tolist()) - {-1}, set(ids_b[:, j].tolist()) - {-1}
-        if a and b:
-            scores.append(len(a & b) / len(a | b))
-    return float(np.mean(scores)) if scores else None
+# measurements (dictionary.py has those of a dictionary alone)
 
 
 def feature_summary(tables):
     """Mean L0 (active features per token), dead fraction and entropies of analysis tables."""
     return dict(l0=tables['freq'].sum().item(), dead_fraction=tables['dead'].float().mean().item(),
                 token_entropy=mean_over_firing(tables['h_tok']), semantic_entropy=mean_over_firing(tables['h_sem']))
-
-
-def splice_costs(model, coders, tokens, ce_clean):
-    """CE with each coder spliced in alone and with all at once, against zeroing the same MLPs:
-    {layer or 'all': {ce, ppl, ce_zero, loss_recovered}}."""
-    out = {}
-    for key, group in [*((l, {l: c}) for l, c in coders.items()), ('all', coders)]:
-        with attached(model, group, splice=True):
-            ce = mean_ce(model, tokens)
-        with zeroed(model, list(group)):
-            ce_zero = mean_ce(model, tokens)
-        out[key] = dict(ce=ce, ppl=math.exp(ce), ce_zero=ce_zero,
-                        loss_recovered=(ce_zero - ce) / (ce_zero - ce_clean))
-    return out
 
 
 def steering_result(model, tokens, layers, words, top_m):

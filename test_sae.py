@@ -1,68 +1,10 @@
-"""sae.py: the measurements of the post-hoc route (splice cost, FVU, matching, distance from the
-start), and the comparison end to end on the tiny runs, with its dictionaries then read and
-steered by analysis.py and steer.py."""
+"""sae.py: the comparison of the post-hoc route end to end on the tiny runs, with its dictionaries
+then read and steered by analysis.py and steer.py (test_dictionary.py tests the measurements)."""
 import json
 import math
 import sys
 
 import pytest
-import torch
-from torch.nn import functional as F
-
-import dictionary
-import sae
-from conftest import TINY_DENSE, planted
-
-
-def identity_coder(d_in, transcoder=False):
-    """A dictionary that reconstructs any x exactly: latents relu(x) and relu(-x), decoded as
-    relu(x) - relu(-x) = x (each sum has one non-zero term, so no rounding)."""
-    coder = dictionary.SparseCoder(d_in, 2 * d_in, k=2 * d_in, transcoder=transcoder)
-    eye = torch.eye(d_in)
-    with torch.no_grad():
-        coder.encoder.weight.copy_(torch.cat([eye, -eye]))
-        coder.encoder.bias.zero_()
-        coder.decoder.weight.copy_(torch.cat([eye, -eye], 1))
-        coder.b_pre.zero_()
-    return coder
-
-
-def test_splicing_a_perfect_reconstruction_gives_the_clean_loss_exactly(tiny_model):
-    model, tokens = tiny_model(**TINY_DENSE), torch.randint(0, 512, (4, 16))
-    clean = sae.mean_ce(model, tokens)
-    with dictionary.attached(model, {0: identity_coder(16), 1: identity_coder(16)}, splice=True):
-        assert sae.mean_ce(model, tokens) == clean
-    with sae.zeroed(model, [0, 1]):
-        zero = sae.mean_ce(model, tokens)
-    assert zero != clean
-    costs = sae.splice_costs(model, {1: identity_coder(16)}, tokens, clean)
-    assert costs[1]['loss_recovered'] == 1.0 and costs['all']['ce'] == clean
-    assert sae.reconstruction(model, {0: identity_coder(16)}, tokens)[0] == pytest.approx(0, abs=1e-10)
-
-
-def test_matching_a_dictionary_with_itself_shuffled_shares_everything():
-    g = torch.Generator().manual_seed(0)
-    dec = torch.randn(16, 50, generator=g)
-    order = torch.randperm(50, generator=g)
-    shared, partner = sae.shared_fraction(dec, dec[:, order])
-    assert shared == 1.0
-    assert (order[torch.as_tensor(partner)] == torch.arange(50)).all()  # each element found its copy
-    shared, _ = sae.shared_fraction(dec, torch.randn(16, 50, generator=g))
-    assert shared < 0.2  # unrelated random directions rarely align
-
-
-def test_initial_coders_rebuild_where_training_started_and_training_moves_away_from_it():
-    a = dictionary.initial_coders(32, 64, 4, 'sae', 0, [0, 1, 2])
-    b = dictionary.initial_coders(32, 64, 4, 'sae', 0, [1])  # layer 1 alone starts as it does beside 0 and 2
-    torch.testing.assert_close(a[1].decoder.weight, b[1].decoder.weight, rtol=0, atol=0)
-    assert sae.near_initialisation(a[1], b[1]) == 1.0
-    g = torch.Generator().manual_seed(0)
-    directions = F.normalize(torch.randn(32, 64, generator=g), dim=0)
-    trainer = dictionary.Trainer(a[1], lr=1e-2, dead_tokens=256 * 20)
-    for _ in range(300):
-        x = planted(256, directions, 4, g)
-        trainer.step(x, x)
-    assert sae.near_initialisation(a[1], b[1]) < 0.3  # it found the planted directions instead
 
 
 def test_sae_then_its_latents_on_a_page_and_steered_end_to_end(copied_runs, run_main):

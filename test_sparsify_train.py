@@ -15,7 +15,7 @@ from sparsify import SparseCoder as SparsifyCoder  # noqa: E402 (after the check
 from sparsify import SparseCoderConfig, TrainConfig, Trainer  # noqa: E402
 
 import interop  # noqa: E402
-import sae  # noqa: E402
+import dictionary  # noqa: E402
 import sparsify_train  # noqa: E402
 from model import load_model  # noqa: E402
 
@@ -60,8 +60,8 @@ def test_sparsify_trains_each_kind_and_seed_at_every_layer_on_the_train_tokens(t
         start = sparsify_train.initial_coders(32, 128, 8, kd, s, [0, 1])
         for l in (0, 1):  # each one has moved from where it started, towards the MLP's output
             assert not torch.equal(coders[kd, s, l].decoder.weight, start[l].decoder.weight)
-        fvu_trained = sae.reconstruction(model, {l: coders[kd, s, l] for l in (0, 1)}, x)
-        fvu_start = sae.reconstruction(model, start, x)
+        fvu_trained = dictionary.reconstruction(model, {l: coders[kd, s, l] for l in (0, 1)}, x)
+        fvu_start = dictionary.reconstruction(model, start, x)
         assert all(fvu_trained[l] < fvu_start[l] for l in (0, 1)), (kd, s, fvu_trained, fvu_start)
 
 
