@@ -142,29 +142,23 @@ oninput="for(const d of document.querySelectorAll('.n'))d.style.display=d.datase
 """
 
 
-def write_page(path, model, tokens, layer, s, table, n_contexts=8, before=12, after=4):
-    """A self-contained HTML page of a layer's neurons, most specific first: top contexts shaded
-    by the neuron's activation (firing token outlined), entropies, and promoted tokens."""
-    order = specificity_order(table)
+def neuron_blocks(model, tokens, layer, s, table, order, n_contexts=8, before=12, after=4):
+    """{j: HTML of neuron j} for the neurons in order: its top contexts shaded by its activation
+    (firing token outlined), entropies and promoted tokens; one pass for all their windows."""
     shown = [(j, s["positions"][r, j].item()) for j in order
              for r in range(min(n_contexts, len(s["values"]))) if s["values"][r, j] > 0]
     acts = window_acts(model, tokens, layer, [j for j, _ in shown], [p for _, p in shown], before, after)
     contexts = {j: [] for j in order}
     for (j, p), a in zip(shown, acts):
         contexts[j].append((p, a))
-    flat, esc = tokens.flatten(), html.escape
-    mlp = model.transformer.h[layer].mlp
-    kind = getattr(mlp, "label", None) or (f"TopK (k = {mlp.act.k})" if is_topk(model, layer) else "dense GELU")
-    intro = (f"{kind} MLP, {len(order)} of {len(table['dead'])} neurons fire on {tokens.numel():,} evaluation tokens "
-             f"(top {len(s['values'])} positions kept per neuron). Entropies in bits over those positions.")
-    parts = [PAGE_HEAD.format(title=f"Neurons of layer {layer}", intro=esc(intro))]
+    flat, esc, blocks = tokens.flatten(), html.escape, {}
     for j in order:
         words = " ".join(decode([flat[p]]).strip().lower() for p, _ in contexts[j])
         promoted = " ".join(f"<code>{esc(repr(decode([t])))}</code>" for t in promoted_tokens(model, layer, j))
-        parts.append(f'<div class="n" data-t="{esc(words)}"><b>neuron {layer}:{j}</b> <span class="meta">'
-                     f"fires on {100 * table['freq'][j]:.2f}% of tokens, max {table['max'][j]:.3f}, "
-                     f"token entropy {table['h_tok'][j]:.2f}, semantic entropy {table['h_sem'][j]:.2f}</span>"
-                     f'<div class="meta">promotes: {promoted}</div>')
+        parts = [f'<div class="n" data-t="{esc(words)}"><b>neuron {layer}:{j}</b> <span class="meta">'
+                 f"fires on {100 * table['freq'][j]:.2f}% of tokens, max {table['max'][j]:.3f}, "
+                 f"token entropy {table['h_tok'][j]:.2f}, semantic entropy {table['h_sem'][j]:.2f}</span>"
+                 f'<div class="meta">promotes: {promoted}</div>']
         for p, a in contexts[j]:
             spans = []
             for c, v in enumerate(a.tolist()):
@@ -178,8 +172,20 @@ def write_page(path, model, tokens, layer, s, table, n_contexts=8, before=12, af
                 spans.append(f'<span{" class=f" if c == before else ""} title="{v:.3f}" '
                              f'style="background:rgba(255,140,0,{shade:.2f})">{text}</span>')
             parts.append(f'<div class="c">{"".join(spans)}</div>')
-        parts.append("</div>")
-    parts.append("</body></html>\n")
+        blocks[j] = "\n".join(parts + ["</div>"])
+    return blocks
+
+
+def write_page(path, model, tokens, layer, s, table, n_contexts=8, before=12, after=4):
+    """A self-contained HTML page of a layer's neurons, most specific first (neuron_blocks)."""
+    order = specificity_order(table)
+    mlp = model.transformer.h[layer].mlp
+    kind = getattr(mlp, "label", None) or (f"TopK (k = {mlp.act.k})" if is_topk(model, layer) else "dense GELU")
+    intro = (f"{kind} MLP, {len(order)} of {len(table['dead'])} neurons fire on {tokens.numel():,} evaluation tokens "
+             f"(top {len(s['values'])} positions kept per neuron). Entropies in bits over those positions.")
+    blocks = neuron_blocks(model, tokens, layer, s, table, order, n_contexts, before, after)
+    parts = [PAGE_HEAD.format(title=f"Neurons of layer {layer}", intro=html.escape(intro)), *blocks.values(),
+             "</body></html>\n"]
     atomic_write(path, lambda f: f.write("\n".join(parts).encode("utf-8")))
 
 

@@ -115,14 +115,17 @@ def steering(model, layer, neuron, value):
 
 
 @torch.no_grad()
-def collect(model, tokens, layers, top_m, batch_size=16, marks=None):
+def collect(model, tokens, layers, top_m, batch_size=16, marks=None, by_token=False):
     """Stream tokens (n_seq, T) through the model; per layer, per neuron: the top_m activations
     and their positions (flat indices into tokens), firing count, sum of positive activations,
     and that sum over each set of marked positions in `marks` ({name: bool (n_seq, T) tensor},
-    e.g. concept_marks()). Memory stays O(top_m * d_ff) per layer whatever the number of tokens."""
+    e.g. concept_marks()). Memory stays O(top_m * d_ff) per layer whatever the number of tokens.
+    by_token: also the sums per token id, at the token and before it (concept_stats() then gives
+    any concept's marks without another pass), O(distinct tokens * d_ff) per layer."""
     dev = next(model.parameters()).device
     marks = marks or {}
     stats = {}
+    vocab, inverse = torch.unique(tokens, return_inverse=True) if by_token else (None, None)
     with capture(model, layers) as captured:
         for b0 in range(0, len(tokens), batch_size):
             model(tokens[b0:b0 + batch_size].to(dev))
@@ -147,7 +150,31 @@ def collect(model, tokens, layers, top_m, batch_size=16, marks=None):
                 for name, m in batch_marks.items():
                     s["mark_sum"][name] += m @ on
                     s["mark_count"][name] += int(m.sum())
+                if by_token:
+                    add_token_sums(s, vocab, inverse[b0:b0 + batch_size], on)
     return stats
+
+
+def add_token_sums(s, vocab, inverse, on):
+    """Add a batch's activation mass per token id to s: at each token ("at"), and at the position
+    before it ("before"; a row's last position has no next token in view), with the counts."""
+    if "vocab" not in s:
+        s.update(vocab=vocab, **{f"{w}_{k}": torch.zeros(len(vocab), *shape) for w in ("at", "before")
+                                 for k, shape in (("sum", on.shape[1:]), ("count", ()))})
+    B, T = inverse.shape
+    here, nxt = inverse.flatten(), inverse[:, 1:].flatten()
+    s["at_sum"].index_add_(0, here, on)
+    s["at_count"].index_add_(0, here, torch.ones(len(here)))
+    s["before_sum"].index_add_(0, nxt, on.view(B, T, -1)[:, :-1].flatten(0, 1))
+    s["before_count"].index_add_(0, nxt, torch.ones(len(nxt)))
+
+
+def concept_stats(s, concept_ids):
+    """collect()'s stats of one layer with the concept_marks() sums, from its by_token sums: what
+    collect(..., marks=concept_marks(tokens, concept_ids)) gives, without streaming the tokens again."""
+    rows = torch.isin(s["vocab"], torch.as_tensor(concept_ids))
+    return dict(s, mark_sum={"concept": s["at_sum"][rows].sum(0), "next_is_concept": s["before_sum"][rows].sum(0)},
+                mark_count={"concept": int(s["at_count"][rows].sum()), "next_is_concept": int(s["before_count"][rows].sum())})
 
 
 def unembedded(model, layer):

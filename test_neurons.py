@@ -90,6 +90,21 @@ def test_concept_marks_flag_the_concept_and_the_position_before_it():
     assert marks['next_is_concept'].tolist() == [[False, True, False, False], [False, False, True, False]]
 
 
+def test_concept_stats_from_the_token_sums_equal_collect_with_the_concept_marks(tiny_model):
+    model = tiny_model()
+    tokens = torch.randint(0, 50, (6, 16), generator=torch.Generator().manual_seed(0))  # repeats: few ids
+    cached = neurons.collect(model, tokens, [0, 2], top_m=4, batch_size=4, by_token=True)
+    for ids in ([7], [3, 11, 40]):
+        marked = neurons.collect(model, tokens, [0, 2], top_m=4, batch_size=4, marks=neurons.concept_marks(tokens, ids))
+        for l in (0, 2):
+            s = neurons.concept_stats(cached[l], ids)
+            assert s['mark_count'] == marked[l]['mark_count']
+            for name in ('concept', 'next_is_concept'):
+                torch.testing.assert_close(s['mark_sum'][name], marked[l]['mark_sum'][name], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(neurons.reads(s), neurons.reads(marked[l]), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(neurons.predicts(s), neurons.predicts(marked[l]), rtol=1e-4, atol=1e-5)
+
+
 def plant_reader(model, layer, j, token):
     """Make neuron j of a block fire on `token` alone: the token's embedding gets a long random
     direction u, which the residual stream carries into the MLP, the neuron's encoder row is u, and
