@@ -19,6 +19,7 @@ from playwright.sync_api import sync_playwright  # noqa: E402 (after the check t
 import explore  # noqa: E402
 from common import encode, save_checkpoint  # noqa: E402
 from conftest import WORDS  # noqa: E402
+from dictionary import SparseCoder, model_shape, save_dictionary  # noqa: E402
 from search import concept_search, concept_token_ids, trial_strength  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's; browser downloads are not possible here
@@ -113,6 +114,24 @@ def test_search_by_token_and_by_typed_text(ex):
     assert len(found) == 10 and found == sorted(found, key=lambda r: -r['reads'])
     rows = ex.by_text('Anna saw the job', 0)
     assert [r['token'] for r in rows] == ['Anna', ' saw', ' the', ' job'] and all(r['neurons'] for r in rows)
+
+
+def test_a_dense_twin_and_a_dictionary_are_read_the_same_way(tiny_runs, tmp_path):
+    dense = tmp_path / 'dense'
+    shutil.copytree(tiny_runs / 'dense', dense)
+    twin = explore.Explorer(str(dense), n_tokens=1024)
+    assert twin.layers == [0, 1, 2]  # no TopK block: every block's neurons
+    assert twin.by_token('job') and 'neuron 2:' in twin.neuron('2:0')
+    model = twin.model
+    coder = SparseCoder(32, 64, 4)
+    save_dictionary(dense / 'sae_layer1.pt', coder, dict(kind='sae', layer=1, d_in=32, n_latents=64, k=4,
+                                                           model_args=model_shape(model)))
+    latents = explore.Explorer(str(dense), str(dense / 'sae_layer1.pt'), n_tokens=1024)
+    assert latents.layers == [1] and latents.stats[1]['values'].shape[1] == 64  # the latents, not the neurons
+    assert (dense / 'analysis' / 'explore_cache_sae_layer1.pt').exists() and not latents.history
+    j = int(latents.tables[1]['freq'].argmax())
+    r = latents.steer('Anna saw the', f'1:{j}', 3, 8, 1)
+    assert r['neuron'] == f'1:{j}' and r['baseline'] == twin.steer('Anna saw the', '1:0', 0, 8, 1)['baseline']
 
 
 @pytest.mark.parametrize("call, message", [
