@@ -38,7 +38,7 @@ from steer import continuation_perplexity, hit_pattern, sample_continuations
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the run (its ckpt.pt)
 host = '127.0.0.1'  # the address to serve on (0.0.0.0: every interface)
-port = 7860
+port = 7860  # the port to serve on
 dictionary = ''  # an SAE or transcoder file from sae.py: its latents take the place of its layer's neurons
 eval_data = ''  # val shards of this data dir, or a .txt file; '' = the run's data_dir
 eval_tokens = 32768  # evaluation tokens (analysis.py's and steer.py's default)
