@@ -88,13 +88,19 @@ def mean_over_firing(x):
     return None if m != m else m
 
 
+def top_token_ids(s, tokens):
+    """(M, d_ff): the token id at each neuron's top-M positions in collect()'s stats, -1 where it
+    does not fire."""
+    return torch.where(s["values"] > 0, tokens.flatten()[s["positions"].clamp(min=0)], -1)
+
+
 def neuron_table(s, tokens, cluster_of):
     """Per-neuron numbers of one layer from collect()'s stats."""
     fired = s["values"] > 0
     ids = tokens.flatten()[s["positions"].clamp(min=0)]
     return dict(freq=s["fires"] / s["n_tokens"], max=s["values"][0], dead=s["fires"] == 0,
                 h_tok=column_entropy(ids, fired), h_sem=column_entropy(cluster_of[ids], fired),
-                top_ids=torch.where(fired, ids, -1))  # (M, d_ff) token ids, -1 where not firing
+                top_ids=top_token_ids(s, tokens))
 
 
 def specificity_order(table):

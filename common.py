@@ -160,6 +160,11 @@ def load_checkpoint(path, device="cpu"):
     return checkpoint
 
 
+def file_stamp(path):
+    """Size and modification time of a file: what tells a cache that the file it was made from changed."""
+    return f"{os.path.getsize(path)}-{os.stat(path).st_mtime_ns}"
+
+
 def run_folder(path):
     """The folder of the run at path, an out_dir or one of its checkpoint files: where a script
     writes what it makes of the run (its analysis/ folder)."""

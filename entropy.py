@@ -25,7 +25,7 @@ import torch
 from analysis import analyse, mean_over_firing, semantic_clusters, specificity_order, write_page
 from common import atomic_write, decode, load_checkpoint, resolve_device, run_checkpoints
 from configurator import configure, die
-from model import annealed_alpha, load_model
+from model import load_model, trained_alpha
 from neurons import is_topk, parse_neuron, run_eval_tokens
 
 # -----------------------------------------------------------------------------
@@ -53,8 +53,7 @@ def trace_run(run, name, tokens, cluster_of, dev):
         model, ckpt = load_model(path, dev)
         if ckpt['model_args']['block_size'] < tokens.size(1):
             die(f"{path} has block_size {ckpt['model_args']['block_size']} < the {tokens.size(1)}-token evaluation sequences")
-        cfg = ckpt.get('config', {})
-        alpha = annealed_alpha(ckpt['iter_num'], cfg.get('annealing_ratio', 0), cfg.get('max_iters', 0))
+        cfg, alpha = ckpt.get('config', {}), trained_alpha(ckpt)
         model.set_alpha(alpha)
         stats, tables = analyse(model, tokens, list(range(len(model.transformer.h))), top_m, cluster_of, batch_size)
         rows.append({'iter': it, 'alpha': alpha, 'layers': [

@@ -26,11 +26,11 @@ import time
 import gradio as gr
 import torch
 
-from analysis import neuron_blocks, neuron_table, semantic_clusters
-from common import atomic_write, decode, encode, encode_prompt, run_checkpoints, run_folder
+from analysis import neuron_blocks, neuron_table, semantic_clusters, top_token_ids
+from common import atomic_write, decode, encode, encode_prompt, file_stamp, run_checkpoints, run_folder
 from configurator import configure, die
 from dictionary import attach_file
-from model import annealed_alpha, load_model
+from model import load_model, trained_alpha
 from neurons import capture, collect, concept_stats, is_topk, parse_neuron, reads, run_eval_tokens
 from search import concept_candidates, concept_token_ids, concept_words, pick_finalists, trial_strength
 from steer import continuation_perplexity, hit_pattern, sample_continuations
@@ -62,8 +62,9 @@ class Explorer:
         self.layers = [self.site] if self.site is not None else (topk or list(range(n_layer)))
         self.tokens = run_eval_tokens(data, self.ckpt, n_tokens, self.model.config.block_size)
         self.lock, self.concepts = threading.Lock(), {}
-        folder, stamp = os.path.join(run_folder(run), 'analysis'), checkpoint_stamp(run)
-        key = dict(stamp=stamp, dictionary=dictionary_file and checkpoint_stamp(dictionary_file), eval_data=data,
+        folder = os.path.join(run_folder(run), 'analysis')
+        stamp = file_stamp(os.path.join(run, 'ckpt.pt') if os.path.isdir(run) else run)
+        key = dict(stamp=stamp, dictionary=dictionary_file and file_stamp(dictionary_file), eval_data=data,
                    n_tokens=self.tokens.numel(), top_m=m, n_clusters=clusters)
         path = os.path.join(folder, 'explore_cache.pt' if not dictionary_file else
                             f"explore_cache_{os.path.basename(dictionary_file).removesuffix('.pt')}.pt")
@@ -83,11 +84,9 @@ class Explorer:
         out = []
         for it, path in run_checkpoints(run):
             model, ckpt = load_model(path, 'cpu')
-            cfg = ckpt.get('config', {})
-            model.set_alpha(annealed_alpha(ckpt['iter_num'], cfg.get('annealing_ratio', 0), cfg.get('max_iters', 0)))
+            model.set_alpha(trained_alpha(ckpt))
             stats = collect(model, self.tokens, self.layers, m)
-            out.append((it, {l: torch.where(s['values'] > 0, self.tokens.flatten()[s['positions'].clamp(min=0)], -1)
-                             for l, s in stats.items()}))
+            out.append((it, {l: top_token_ids(s, self.tokens) for l, s in stats.items()}))
         return out
 
     # -- Steer ---------------------------------------------------------------------------------
@@ -187,11 +186,6 @@ class Explorer:
         a = acts[layer][0]
         return [dict(token=decode([t]), neurons=', '.join(f"{layer}:{j} ({v:.2f})" for v, j in zip(*a[i].topk(n)) if v > 0))
                 for i, t in enumerate(ids)]
-
-
-def checkpoint_stamp(path):
-    path = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
-    return f"{os.path.getsize(path)}-{os.stat(path).st_mtime_ns}"
 
 
 def number(value, name):

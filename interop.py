@@ -33,11 +33,11 @@ from sae_lens.saes.topk_sae import TopK as SAELensTopK
 from sae_lens.saes.transcoder import Transcoder, TranscoderConfig
 from safetensors.torch import load_file
 from tiktoken.load import read_file_cached
-from torch.nn import functional as F
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
+from dictionary import TopKReLU
 from model import TopK, topk_layers
 
 # nn.Linear keeps (out, in), GPT-2's Conv1D (in, out): these four weights are transposed
@@ -166,12 +166,10 @@ class KeptTopK(SAELensTopK):
 
     def __init__(self, k, activation):
         super().__init__(k)
-        self.activation = activation
+        self.kept = TopK(k) if activation == 'gelu' else TopKReLU(k)  # the model's own (alpha 0), or sae.py's
 
     def forward(self, x):
-        top = x.topk(self.k, dim=-1)
-        values = F.gelu(top.values) if self.activation == 'gelu' else top.values.relu()
-        return torch.zeros_like(x).scatter(-1, top.indices, values)
+        return self.kept(x)
 
 
 class TopKTranscoder(Transcoder):

@@ -89,6 +89,12 @@ def annealed_alpha(it, annealing_ratio, max_iters):
     return max(0.0, 1.0 - it / span) if span > 0 else 0.0
 
 
+def trained_alpha(ckpt):
+    """The alpha a checkpoint of train.py was trained with at its iteration (annealed_alpha)."""
+    cfg = ckpt.get('config', {})
+    return annealed_alpha(ckpt['iter_num'], cfg.get('annealing_ratio', 0), cfg.get('max_iters', 0))
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):

@@ -23,7 +23,7 @@ import numpy as np
 from torch.nn import functional as F
 
 from analysis import analyse, mean_over_firing, semantic_clusters
-from common import atomic_write, resolve_device, run_checkpoints
+from common import atomic_write, file_stamp, resolve_device, run_checkpoints
 from configurator import configure, die
 from dictionary import (attached, initial_coders, load_dictionary, mean_ce, model_shape, near_initialisation, reconstruction,
                         save_dictionary, shared_fraction, splice_costs, top_token_overlap, train_dictionaries)
@@ -110,7 +110,7 @@ def obtain_dictionaries(checkpoints, sites, wanted, k, settings, folder, main_se
     {(kind, seed, name): training info}."""
     coders, training = {}, {}
     for name, (it, source) in checkpoints.items():
-        expected = dict(settings, k=k, source_iter=it, source_stamp=f"{os.path.getsize(source)}-{os.stat(source).st_mtime_ns}")
+        expected = dict(settings, k=k, source_iter=it, source_stamp=file_stamp(source))
         path = lambda kd, s, l: os.path.join(folder, f"{kd}_layer{l}" + (f"_seed{s}" if s != main_seed else "") +
                                              (f"_iter{it}" if name != 'final' else "") + ".pt")
         todo = []
