@@ -8,7 +8,8 @@ n_layer - n_nontopk): of the d_ff pre-activations x = c_fc(h) of a token it keep
 and applies GELU to them, the rest are 0. So:
 
   transformers      GPT2LMHeadModel holds every weight (Conv1D stores them transposed, the lm_head
-                    is tied to wte, the vocabulary is the padded 50,304 rows). A dense run needs
+                    is tied to wte, the vocabulary has the model's 50,304 padded rows, or GPT-2's
+                    50,257 for a run from its weights, with its tanh GELU). A dense run needs
                     nothing else; load_hf() puts the TopK activation at transformer.h.L.mlp.act.
   TransformerLens   HookedTransformer of the same weights (its own GPT-2 conversion), the TopK
                     activation as blocks.L.mlp.act_fn: the neurons are blocks.L.mlp.hook_post.
@@ -39,9 +40,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
 from dictionary import TopKReLU
 from model import TopK, topk_layers
-
-# nn.Linear keeps (out, in), GPT-2's Conv1D (in, out): these four weights are transposed
-CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+from pretrained import CONV1D, GELU_OF
 
 
 # GPT-2's own tokenizer files, the ones tiktoken reads its 'gpt2' encoding from (and caches, so this
@@ -63,10 +62,13 @@ def write_tokenizer(folder):
 # -----------------------------------------------------------------------------
 # Hugging Face transformers
 
+HF_GELU = {'none': 'gelu', 'tanh': 'gelu_new'}  # GPTConfig.gelu -> transformers' (and TL's) name
+
+
 def hf_config(c):
     """GPT2Config of a GPTConfig c, with topk and n_nontopk as extra keys of config.json."""
     return GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
-                      n_layer=c.n_layer, n_head=c.n_head, activation_function='gelu',  # exact, not tanh
+                      n_layer=c.n_layer, n_head=c.n_head, activation_function=HF_GELU[c.gelu],
                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
                       tie_word_embeddings=True, bos_token_id=50256, eos_token_id=50256,
                       architectures=['GPT2LMHeadModel'], topk=c.topk, n_nontopk=c.n_nontopk)
@@ -91,7 +93,7 @@ def with_topk(hf):
     """Put the TopK activation (alpha = 0) into the TopK blocks of a GPT2LMHeadModel."""
     c = hf.config
     for layer in topk_layers(c.n_layer, getattr(c, 'topk', 0), getattr(c, 'n_nontopk', 0)):
-        hf.transformer.h[layer].mlp.act = TopK(c.topk)
+        hf.transformer.h[layer].mlp.act = TopK(c.topk, GELU_OF[c.activation_function])
     return hf
 
 
@@ -104,10 +106,10 @@ def load_hf(path):
 # -----------------------------------------------------------------------------
 # TransformerLens
 
-def tl_config(n_layer, n_head, n_embd, block_size, vocab_size):
-    """HookedTransformerConfig arguments of this project's GPT-2 (exact GELU, LayerNorm eps 1e-5)."""
+def tl_config(n_layer, n_head, n_embd, block_size, vocab_size, gelu='none'):
+    """HookedTransformerConfig arguments of this project's GPT-2 (LayerNorm eps 1e-5; gelu as GPTConfig's)."""
     return dict(d_model=n_embd, d_head=n_embd // n_head, n_heads=n_head, d_mlp=4 * n_embd, n_layers=n_layer,
-                n_ctx=block_size, eps=1e-5, d_vocab=vocab_size, act_fn='gelu', normalization_type='LN',
+                n_ctx=block_size, eps=1e-5, d_vocab=vocab_size, act_fn=HF_GELU[gelu], normalization_type='LN',
                 original_architecture='GPT2LMHeadModel', default_prepend_bos=False)
 
 
@@ -115,7 +117,7 @@ def tl_weights(model):
     """(HookedTransformerConfig arguments, weights under TransformerLens's names) of a model of
     this project, by TransformerLens's own GPT-2 conversion of its transformers twin."""
     c = model.config
-    args = tl_config(c.n_layer, c.n_head, c.n_embd, c.block_size, c.vocab_size)
+    args = tl_config(c.n_layer, c.n_head, c.n_embd, c.block_size, c.vocab_size, c.gelu)
     return args, convert_gpt2_weights(to_hf(model), HookedTransformerConfig(**args))
 
 
@@ -127,7 +129,7 @@ def hooked(cfg, state_dict, topk, n_nontopk, tokenizer=None, cls=HookedTransform
     tl.load_and_process_state_dict(state_dict, fold_ln=False, center_writing_weights=False,
                                    center_unembed=False, fold_value_biases=False)
     for layer in topk_layers(cfg.n_layers, topk, n_nontopk):
-        tl.blocks[layer].mlp.act_fn = TopK(topk)
+        tl.blocks[layer].mlp.act_fn = TopK(topk, GELU_OF[tl.cfg.act_fn])
     return tl.eval()
 
 
@@ -151,7 +153,7 @@ ARCHITECTURE = 'topk_lm_transcoder'  # a name of this project's, so no SAELens c
 @dataclass
 class TopKTranscoderConfig(TranscoderConfig):
     k: int = 64
-    activation: str = 'gelu'  # of the kept pre-activations: 'gelu' (a TopK LM) or 'relu' (sae.py)
+    activation: str = 'gelu'  # of the kept pre-activations: 'gelu' or 'gelu_new' (a TopK LM) or 'relu' (sae.py)
 
     @classmethod
     def architecture(cls):
@@ -166,7 +168,7 @@ class KeptTopK(SAELensTopK):
 
     def __init__(self, k, activation):
         super().__init__(k)
-        self.kept = TopK(k) if activation == 'gelu' else TopKReLU(k)  # the model's own (alpha 0), or sae.py's
+        self.kept = TopK(k, GELU_OF[activation]) if activation in GELU_OF else TopKReLU(k)  # the model's own (alpha 0), or sae.py's
 
     def forward(self, x):
         return self.kept(x)
@@ -220,7 +222,7 @@ def mlp_transcoder(model, layer, metadata):
     (mlp_input_encoder) to blocks.L.hook_mlp_out: exactly the MLP, its latents the neurons."""
     block = model.transformer.h[layer]
     d, d_ff = block.mlp.c_fc.in_features, block.mlp.c_fc.out_features
-    cfg = TopKTranscoderConfig(d_in=d, d_sae=d_ff, d_out=d, k=model.config.topk, activation='gelu',
+    cfg = TopKTranscoderConfig(d_in=d, d_sae=d_ff, d_out=d, k=model.config.topk, activation=HF_GELU[model.config.gelu],
                                apply_b_dec_to_input=False, metadata=SAEMetadata(
                                    hook_name=f'blocks.{layer}.ln2.hook_normalized',
                                    hook_name_out=f'blocks.{layer}.hook_mlp_out', **metadata))

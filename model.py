@@ -31,6 +31,7 @@ class GPTConfig:
     bias: bool = True  # biases in Linears and LayerNorms, as GPT-2
     topk: int = 64  # k active MLP neurons per token; 0 = dense GPT-2
     n_nontopk: int = 2  # the last n_nontopk blocks keep the dense GELU MLP
+    gelu: str = 'none'  # 'none': exact GELU; 'tanh': OpenAI GPT-2's approximation, for its weights
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -44,6 +45,8 @@ class GPTConfig:
             raise ValueError(f"n_nontopk must be in [0, n_layer = {self.n_layer}], got {self.n_nontopk}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.gelu not in ('none', 'tanh'):
+            raise ValueError(f"gelu must be 'none' or 'tanh', got {self.gelu!r}")
 
 
 class TopK(nn.Module):
@@ -56,9 +59,9 @@ class TopK(nn.Module):
     ties (common in bf16) can never let more than k through. Selection is on x, before f.
     """
 
-    def __init__(self, k):
+    def __init__(self, k, gelu='none'):
         super().__init__()
-        self.k = k
+        self.k, self.gelu = k, gelu  # gelu: torch's `approximate`, as GPTConfig.gelu
         # a tensor, not a float: changing it every step must not make torch.compile recompile
         self.register_buffer("alpha", torch.tensor(0.0), persistent=False)
         self.annealed = True  # alpha == 0, kept as a Python bool so no forward reads alpha back
@@ -72,9 +75,9 @@ class TopK(nn.Module):
         if self.annealed:
             # the same numbers as the formula at alpha = 0, but the backward saves only the k
             # indices and values per token, not the d_ff-wide x, mask and product
-            return torch.zeros_like(x).scatter(-1, top.indices, F.gelu(top.values))
+            return torch.zeros_like(x).scatter(-1, top.indices, F.gelu(top.values, approximate=self.gelu))
         m = torch.zeros_like(x).scatter_(-1, top.indices, 1.0)
-        return F.gelu(x) * (self.alpha + (1 - self.alpha) * m)
+        return F.gelu(x, approximate=self.gelu) * (self.alpha + (1 - self.alpha) * m)
 
 
 def topk_layers(n_layer, topk, n_nontopk):
@@ -82,17 +85,28 @@ def topk_layers(n_layer, topk, n_nontopk):
     return list(range(n_layer - n_nontopk)) if topk else []
 
 
-def annealed_alpha(it, annealing_ratio, max_iters):
-    """alpha at training iteration it: 1 (dense) at the start, linearly to 0 (exactly k) at
-    annealing_ratio * max_iters, 0 from then on (the paper's linear schedule)."""
+SCHEDULES = ('linear', 'cosine', 'step')
+
+
+def annealed_alpha(it, annealing_ratio, max_iters, schedule='linear'):
+    """alpha at training iteration it: 1 (dense) at the start, 0 (exactly k) from
+    span = annealing_ratio * max_iters on. In between, with u = it / span:
+      linear (the paper's):  1 - u
+      cosine:                (1 + cos(pi u)) / 2, slow at both ends (the paper leaves non-linear
+                             schedules to future work, section 2.1)
+      step:                  0 throughout: TopK from the first iteration, no annealing."""
     span = annealing_ratio * max_iters
-    return max(0.0, 1.0 - it / span) if span > 0 else 0.0
+    if schedule == 'step' or span <= 0 or it >= span:
+        return 0.0
+    u = it / span
+    return 1.0 - u if schedule == 'linear' else 0.5 * (1.0 + math.cos(math.pi * u))
 
 
 def trained_alpha(ckpt):
     """The alpha a checkpoint of train.py was trained with at its iteration (annealed_alpha)."""
     cfg = ckpt.get('config', {})
-    return annealed_alpha(ckpt['iter_num'], cfg.get('annealing_ratio', 0), cfg.get('max_iters', 0))
+    return annealed_alpha(ckpt['iter_num'], cfg.get('annealing_ratio', 0), cfg.get('max_iters', 0),
+                          cfg.get('annealing_schedule', 'linear'))
 
 
 class CausalSelfAttention(nn.Module):
@@ -123,14 +137,14 @@ class MLP(nn.Module):
     def __init__(self, config, topk):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.act = TopK(topk) if topk else nn.GELU()  # the neurons: hook here to read or steer
+        self.act = TopK(topk, config.gelu) if topk else nn.GELU(config.gelu)  # the neurons: hook here to read or steer
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
         if isinstance(self.act, TopK) and sparse_mlp.applies(self, x):
             # alpha = 0 on CPU: the same numbers without the d_ff-wide matmuls (sparse_mlp.py)
-            return self.dropout(sparse_mlp.topk_mlp(x, self.c_fc, self.c_proj, self.act.k))
+            return self.dropout(sparse_mlp.topk_mlp(x, self.c_fc, self.c_proj, self.act.k, self.act.gelu))
         return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 

@@ -91,24 +91,24 @@ def _transposed(w):
     return hit[1]
 
 
-def topk_mlp(x, c_fc, c_proj, k):
-    """c_proj(TopK_k(c_fc(x))) at alpha = 0 for x of shape (..., C)."""
+def topk_mlp(x, c_fc, c_proj, k, gelu='none'):
+    """c_proj(TopK_k(c_fc(x))) at alpha = 0 for x of shape (..., C); gelu is torch's `approximate`."""
     h = x.reshape(-1, x.size(-1))
     if torch.is_grad_enabled():
-        out = TopKMLP.apply(h, c_fc.weight, c_fc.bias, c_proj.weight, c_proj.bias, k)
+        out = TopKMLP.apply(h, c_fc.weight, c_fc.bias, c_proj.weight, c_proj.bias, k, gelu)
     else:  # inference, e.g. decoding, which runs the same weights again and again (see decoding())
         w_fc_t = _transposed(c_fc.weight) if transposed_fc else c_fc.weight.t()
-        out = _forward(h, w_fc_t, c_fc.bias, _transposed(c_proj.weight), c_proj.bias, k)[0]
+        out = _forward(h, w_fc_t, c_fc.bias, _transposed(c_proj.weight), c_proj.bias, k, gelu)[0]
     return out.view(x.shape)
 
 
-def _forward(h, w_fc_t, b_fc, w_proj_t, b_proj, k):
+def _forward(h, w_fc_t, b_fc, w_proj_t, b_proj, k, gelu):
     """The output, and the pre-activations and indices of the k kept neurons of every token.
     w_fc_t is W_fc^T: a view of the weight (training) or a contiguous copy (inference)."""
     x = h @ w_fc_t if b_fc is None else torch.addmm(b_fc, h, w_fc_t)  # = F.linear(h, W_fc, b_fc)
     pre, idx = x.topk(k, dim=-1)  # TopK.forward's very call, so ties pick the same neurons
     # each neuron's output vector is a row of W_proj^T; embedding_bag sums the k weighted rows
-    out = F.embedding_bag(idx, w_proj_t, per_sample_weights=F.gelu(pre), mode="sum")
+    out = F.embedding_bag(idx, w_proj_t, per_sample_weights=F.gelu(pre, approximate=gelu), mode="sum")
     if b_proj is not None:
         out += b_proj
     return out, pre, idx
@@ -125,25 +125,25 @@ class TopKMLP(torch.autograd.Function):
     the weights, and k pre-activations and indices per token; no (N, d_ff) tensor."""
 
     @staticmethod
-    def forward(ctx, h, w_fc, b_fc, w_proj, b_proj, k):
-        out, pre, idx = _forward(h, w_fc.t(), b_fc, w_proj.t().contiguous(), b_proj, k)
+    def forward(ctx, h, w_fc, b_fc, w_proj, b_proj, k, gelu):
+        out, pre, idx = _forward(h, w_fc.t(), b_fc, w_proj.t().contiguous(), b_proj, k, gelu)
         ctx.save_for_backward(h, w_fc, w_proj, pre, idx)
-        ctx.biases = (b_fc is not None, b_proj is not None)
+        ctx.biases, ctx.gelu = (b_fc is not None, b_proj is not None), gelu
         return out
 
     @staticmethod
     def backward(ctx, g):
         h, w_fc, w_proj, pre, idx = ctx.saved_tensors
-        need_h, need_wfc, need_bfc, need_wproj, need_bproj, _ = ctx.needs_input_grad
+        need_h, need_wfc, need_bfc, need_wproj, need_bproj, _, _ = ctx.needs_input_grad
         (N, k), d_ff = idx.shape, w_fc.size(0)
         idx, order = idx.sort(dim=-1)  # CSR lists a row's column indices in increasing order
         pre = pre.gather(1, order)
-        act = F.gelu(pre)
+        act = F.gelu(pre, approximate=ctx.gelu)
         # (N, d_ff) pattern of the kept neurons: row t holds exactly k entries
         by_token = torch.arange(0, N * k + 1, k, device=idx.device)
         da = torch.sparse.sampled_addmm(_csr(by_token, idx.flatten(), act.flatten(), (N, d_ff)),
                                         g, w_proj, beta=0).values().view(N, k)
-        dx = torch.ops.aten.gelu_backward(da, pre)
+        dx = torch.ops.aten.gelu_backward(da, pre, approximate=ctx.gelu)
         dh = F.embedding_bag(idx, w_fc, per_sample_weights=dx, mode="sum") if need_h else None
         # the transposed (d_ff, N) pattern: row f lists, in order, the tokens that kept neuron f
         neurons = idx.flatten()
@@ -160,4 +160,4 @@ class TopKMLP(torch.autograd.Function):
             0, neurons, dx.flatten()) if need_bfc and ctx.biases[0] else None
         dw_proj = (per_neuron(act) @ g).t() if need_wproj else None
         db_proj = g.sum(0) if need_bproj and ctx.biases[1] else None
-        return dh, dw_fc, db_fc, dw_proj, db_proj, None
+        return dh, dw_fc, db_fc, dw_proj, db_proj, None, None

@@ -183,6 +183,23 @@ def test_a_model_without_biases_becomes_a_gpt2_with_the_same_logits(tiny_model):
         assert max_relative_difference(interop.to_hf(model)(tokens()).logits, model(tokens(), tokens())[0]) <= 1e-5
 
 
+def test_a_model_from_gpt2s_weights_keeps_its_tanh_gelu_and_vocabulary_in_every_format(tiny_model):
+    model = tiny_model(gelu='tanh', vocab_size=50257)  # as train.py --init_from=gpt2 builds it
+    x = tokens()
+    with torch.no_grad(), capture(model, TOPK_LAYERS) as acts:
+        logits, _ = model(x, x)
+        hf = interop.to_hf(model)
+        assert hf.config.activation_function == 'gelu_new' and max_relative_difference(hf(x).logits, logits) <= 1e-5
+        cfg, weights = interop.tl_weights(model)
+        tl_logits, cache = interop.hooked(HookedTransformerConfig(**cfg), weights, 8, 1).run_with_cache(x)
+    assert cfg['act_fn'] == 'gelu_new' and max_relative_difference(tl_logits, logits) <= 1e-5
+    for layer in TOPK_LAYERS:
+        torch.testing.assert_close(cache[f'blocks.{layer}.mlp.hook_post'], acts[layer], rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # SAELens: the transcoder's latents are the neurons, through the same GELU
+        latents = interop.mlp_transcoder(model, 0, {}).encode(cache['blocks.0.ln2.hook_normalized'])
+    torch.testing.assert_close(latents, acts[0], rtol=1e-5, atol=1e-6)
+
+
 def test_a_checkpoint_of_the_series_is_exported_by_name(tiny_runs, export):
     folder = export(tiny_runs / 'topk', 'hf', '--ckpt=ckpt_000004.pt')
     logits, _, _ = ours(tiny_runs / 'topk' / 'ckpt_000004.pt', tokens())

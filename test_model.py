@@ -14,7 +14,7 @@ from torch.nn import functional as F
 import toy_corpus
 from common import EOT, encode
 from conftest import DEVICES, TINY, needs_cuda, saved_sizes
-from model import GPT, GPTConfig, TopK
+from model import GPT, GPTConfig, TopK, annealed_alpha, trained_alpha
 
 SMALL_VOCAB = dict(vocab_size=128)  # conftest's tiny model with a small vocabulary
 
@@ -54,6 +54,33 @@ def test_intermediate_alpha_follows_the_formula():
     # y = alpha * f(x) + (1 - alpha) * (f(x) on the top-k entries, 0 elsewhere)
     expected = alpha * F.gelu(x) + (1 - alpha) * torch.where(in_topk, F.gelu(x), torch.zeros_like(x))
     torch.testing.assert_close(act(x), expected)
+
+
+@pytest.mark.parametrize("schedule,expected", [
+    ("linear", lambda u: 1 - u),  # the paper's
+    ("cosine", lambda u: (1 + math.cos(math.pi * u)) / 2),
+    ("step", lambda u: 0.0),  # TopK from the first iteration
+])
+def test_every_annealing_schedule_follows_its_formula_and_ends_at_0(schedule, expected):
+    # annealing over 0.2 of 100 iterations: u = it / 20
+    for it in (0, 5, 10, 15, 19):
+        assert annealed_alpha(it, 0.2, 100, schedule) == pytest.approx(expected(it / 20), abs=1e-12), it
+    assert [annealed_alpha(it, 0.2, 100, schedule) for it in (20, 21, 99)] == [0.0, 0.0, 0.0]
+
+
+def test_only_step_annealing_is_topk_at_iteration_0():
+    assert [annealed_alpha(0, 0.2, 100, s) for s in ("linear", "cosine", "step")] == [1.0, 1.0, 0.0]
+    ckpt = dict(iter_num=0, config=dict(annealing_ratio=0.2, max_iters=100, annealing_schedule="step"))
+    assert trained_alpha(ckpt) == 0.0  # what the analysis scripts read a checkpoint's alpha as
+
+
+def test_the_tanh_gelu_is_gpt2s_own_approximation():
+    x = torch.linspace(-4, 4, 101, dtype=torch.float64)
+    gpt2 = 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))  # OpenAI's gelu
+    act = TopK(k=101, gelu="tanh")
+    act.set_alpha(1.0)
+    torch.testing.assert_close(act(x), gpt2)
+    assert not torch.allclose(TopK(k=101)(x), gpt2, atol=1e-5)  # the exact GELU is another function
 
 
 def formula(x, k, alpha):

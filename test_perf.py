@@ -20,7 +20,7 @@ def fast_calls(monkeypatch):
     real = sparse_mlp.topk_mlp
 
     def counted(*args):
-        calls.append(args[-1])
+        calls.append(args[3])  # k
         return real(*args)
 
     monkeypatch.setattr(sparse_mlp, "topk_mlp", counted)
@@ -37,16 +37,17 @@ def run_mlp(mlp, x, g, fast):
     return [out.detach(), x.grad] + [p.grad for p in mlp.parameters()]
 
 
-@pytest.mark.parametrize("n_embd,k,bias,dtype", [
-    (40, 7, True, torch.float64),  # widths that are not powers of two
-    (40, 7, False, torch.float64),
-    (32, 1, True, torch.float64),
-    (48, 192, True, torch.float64),  # k = d_ff: nothing is dropped
-    (64, 16, True, torch.float32),
+@pytest.mark.parametrize("n_embd,k,bias,dtype,gelu", [
+    (40, 7, True, torch.float64, 'none'),  # widths that are not powers of two
+    (40, 7, False, torch.float64, 'none'),
+    (32, 1, True, torch.float64, 'none'),
+    (48, 192, True, torch.float64, 'none'),  # k = d_ff: nothing is dropped
+    (64, 16, True, torch.float32, 'none'),
+    (40, 7, True, torch.float64, 'tanh'),  # GPT-2's own GELU, for its weights
 ])
-def test_sparse_mlp_equals_reference(n_embd, k, bias, dtype, fast_calls):
+def test_sparse_mlp_equals_reference(n_embd, k, bias, dtype, gelu, fast_calls):
     torch.manual_seed(0)
-    mlp = MLP(GPTConfig(n_embd=n_embd, n_head=1, bias=bias, topk=k), k).to(dtype)
+    mlp = MLP(GPTConfig(n_embd=n_embd, n_head=1, bias=bias, topk=k, gelu=gelu), k).to(dtype)
     x = torch.randn(3, 11, n_embd, dtype=dtype)
     g = torch.randn(3, 11, n_embd, dtype=dtype)
     ref = run_mlp(mlp, x, g, fast=False)
@@ -59,12 +60,13 @@ def test_sparse_mlp_equals_reference(n_embd, k, bias, dtype, fast_calls):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
-def test_sparse_mlp_gradcheck():
+@pytest.mark.parametrize("gelu", ['none', 'tanh'])
+def test_sparse_mlp_gradcheck(gelu):
     torch.manual_seed(0)
     C, F, N, k = 6, 24, 5, 4
     args = [torch.randn(N, C), torch.randn(F, C), torch.randn(F), torch.randn(C, F), torch.randn(C)]
     args = [a.double().requires_grad_() for a in args]
-    assert torch.autograd.gradcheck(lambda *a: sparse_mlp.TopKMLP.apply(*a, k), args)
+    assert torch.autograd.gradcheck(lambda *a: sparse_mlp.TopKMLP.apply(*a, k, gelu), args)
 
 
 def test_sparse_path_saves_no_dense_activation():

@@ -18,14 +18,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from common import (autocast, keep_freed_memory, load_checkpoint, peak_flops, read_shard,
                     resolve_device, resolve_dtype, save_checkpoint, shard_paths, VOCAB_SIZE)
 from configurator import configure, die
-from model import GPT, GPTConfig, annealed_alpha
+from model import GPT, GPTConfig, SCHEDULES, annealed_alpha
+from pretrained import SHAPE, load_weights
 
 # -----------------------------------------------------------------------------
 # default config values: a FineWeb-Edu TopK LM of GPT-2 small size
 # I/O
 out_dir = 'out'  # checkpoints go here
 data_dir = 'data/fineweb-edu'  # token shards written by prepare.py
-init_from = 'scratch'  # 'scratch', 'resume' (from out_dir/ckpt.pt), or 'auto' (resume if out_dir has a ckpt.pt)
+init_from = 'scratch'  # 'scratch', 'resume' (from out_dir/ckpt.pt), 'auto' (resume if out_dir has a ckpt.pt), or weights to TopK-ify: gpt2[-medium|-large|-xl], a transformers GPT-2 folder, a ckpt.pt
 overwrite = False  # with init_from='scratch': replace the run already in out_dir instead of refusing
 eval_interval = 1000  # evaluate and save ckpt.pt every this many iterations
 eval_iters = 100  # batches per evaluation (always the same tokens)
@@ -46,6 +47,7 @@ bias = True  # biases in Linears and LayerNorms
 topk = 64  # k active MLP neurons per token in TopK blocks; 0 = dense baseline
 n_nontopk = 2  # the last n_nontopk blocks keep the dense GELU MLP
 annealing_ratio = 0.2  # alpha goes 1 -> 0 over this fraction of max_iters
+annealing_schedule = 'linear'  # alpha's path: 'linear' (the paper's), 'cosine', or 'step' (TopK from iteration 0)
 # AdamW
 learning_rate = 6e-4  # peak learning rate
 max_iters = 20000  # total optimizer steps
@@ -159,13 +161,23 @@ def estimate_loss():
 # model and optimizer, from scratch or from out_dir/ckpt.pt
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                   vocab_size=VOCAB_SIZE, dropout=dropout, topk=topk, n_nontopk=n_nontopk)
-iter_num, best_val_loss, checkpoint = 0, 1e9, None
-if init_from not in ('scratch', 'resume', 'auto'):
-    die(f"--init_from must be 'scratch', 'resume' or 'auto', got {init_from!r}")
+iter_num, best_val_loss, checkpoint, weights = 0, 1e9, None, None
+if annealing_schedule not in SCHEDULES:
+    die(f"--annealing_schedule must be one of {', '.join(SCHEDULES)}, got {annealing_schedule!r}")
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if init_from == 'auto':  # what torchrun --max_restarts needs: a restarted job picks up where it was
     init_from = 'resume' if os.path.exists(ckpt_path) else 'scratch'
-if init_from == 'scratch' and os.path.exists(ckpt_path) and not overwrite:
+if init_from not in ('scratch', 'resume'):  # trained weights: a new run from them, fresh optimizer and schedule
+    shape, weights = load_weights(init_from)
+    for k in SHAPE:
+        if model_args[k] != shape[k]:
+            die(f"--{k}={model_args[k]} differs from {k}={shape[k]} of the weights in {init_from} "
+                f"(their shape: {' '.join(f'--{s}={shape[s]}' for s in SHAPE)})")
+    if block_size > shape['block_size']:
+        die(f"--block_size={block_size} exceeds the {shape['block_size']} positions of the weights in {init_from}")
+    weights['transformer.wpe.weight'] = weights['transformer.wpe.weight'][:block_size]  # a shorter context: the first positions
+    model_args.update(vocab_size=shape['vocab_size'], gelu=shape['gelu'])
+if init_from != 'resume' and os.path.exists(ckpt_path) and not overwrite:
     die(f"{out_dir} already holds a run (ckpt.pt); continue it with --init_from=resume, "
         f"train into another --out_dir, or replace it with --overwrite=True")
 if init_from == 'resume':
@@ -175,16 +187,19 @@ if init_from == 'resume':
     missing = {'optimizer', 'iter_num', 'best_val_loss'} - checkpoint.keys()
     if missing:  # e.g. a ckpt_{iter}.pt snapshot copied over ckpt.pt: it holds the model alone
         die(f"{ckpt_path} cannot be resumed from: it has no {', '.join(sorted(missing))}")
-    for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'topk', 'n_nontopk'):
+    for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'topk', 'n_nontopk'):
         if checkpoint['model_args'].get(k) != model_args[k]:
             die(f"--{k}={model_args[k]} differs from the checkpoint's {k}={checkpoint['model_args'].get(k)} in {ckpt_path}")
+    # as the run began: a run from GPT-2's weights has its 50,257 tokens and tanh GELU
+    model_args.update(vocab_size=checkpoint['model_args']['vocab_size'], gelu=checkpoint['model_args'].get('gelu', 'none'))
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
 try:
     model = GPT(GPTConfig(**model_args))
 except ValueError as e:
     die(str(e))
-if checkpoint is not None:
-    model.load_state_dict(checkpoint['model'])
+if checkpoint is not None or weights is not None:
+    model.load_state_dict(checkpoint['model'] if checkpoint is not None else weights)
+    weights = None
 model.to(device)
 scaler = torch.amp.GradScaler(enabled=(dtype == 'float16'))  # bf16 and fp32 need no loss scaling
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
@@ -227,11 +242,11 @@ start_iter, t0 = iter_num, time.time()
 if master:  # a run killed while saving leaves its temporary file (common.atomic_write) behind
     for stale in glob.glob(os.path.join(out_dir, '.tmp_ckpt*')):
         os.remove(stale)
-    if init_from == 'scratch' and overwrite:  # the replaced run's snapshots would mix into this one's series
+    if init_from != 'resume' and overwrite:  # the replaced run's snapshots would mix into this one's series
         for stale in glob.glob(os.path.join(out_dir, 'ckpt*.pt')):
             os.remove(stale)
 while True:
-    lr, alpha = get_lr(iter_num), annealed_alpha(iter_num, annealing_ratio, max_iters)
+    lr, alpha = get_lr(iter_num), annealed_alpha(iter_num, annealing_ratio, max_iters, annealing_schedule)
     for group in optimizer.param_groups:
         group['lr'] = lr
     raw_model.set_alpha(alpha)

@@ -1,0 +1,67 @@
+"""ablate.py: every arm x seed trained once with its flags, on the same tokens within a seed, and the
+table of means, standard deviations and verdicts, on tiny runs of 2 steps."""
+import os
+
+import numpy as np
+import pytest
+
+from ablate import verdict
+from conftest import TRAIN
+
+
+@pytest.fixture(scope="module")
+def ablation(data, run, tmp_path_factory):
+    """ablate.py over two arms and two seeds of a tiny configuration (TRAIN's shape, 3 blocks):
+    (out_dir, the command's result)."""
+    root = tmp_path_factory.mktemp("ablation")
+    flags = [f for f in TRAIN if not f.startswith(("--max_iters", "--lr_decay_iters", "--warmup_iters",
+                                                   "--eval_interval", "--ckpt_interval", "--n_layer"))]
+    literal = lambda v: v if v[0].isdigit() or v in ("True", "False") else repr(v)  # cpu, float32: strings
+    config = root / "tiny.py"
+    config.write_text("".join(f"{f[2:].split('=')[0]} = {literal(f.split('=', 1)[1])}\n" for f in flags)
+                      + f"n_layer = 3\ndata_dir = {str(data)!r}\n")
+    out = root / "out"
+    command = ("ablate.py", f"--config={config}", f"--out_dir={out}", "--arms=k16,step", "--seeds=1,2",
+               "--max_iters=2", "--warmup_iters=1", "--eval_tokens=500", "--entropy_tokens=256", "--n_clusters=4")
+    first = run(*command)
+    assert first.returncode == 0, first.stderr
+    stamps = {p: os.stat(out / p / "ckpt.pt").st_mtime_ns for p in os.listdir(out) if (out / p).is_dir()}
+    table = (out / "ablation.md").read_text()
+    second = run(*command)
+    return out, first, second, stamps, table
+
+
+def test_every_arm_and_seed_is_a_run_of_its_own_flags(ablation):
+    out, *_ = ablation
+    assert sorted(p for p in os.listdir(out) if (out / p).is_dir()) == ["k16-s1", "k16-s2", "step-s1", "step-s2"]
+    log = (out / "step-s1" / "train.log").read_text()
+    assert "iter 1: " in log and "alpha 0.000" in log.split("iter 1: ")[1].splitlines()[0]  # TopK from step 0
+    assert "alpha 1.000" in (out / "k16-s1" / "train.log").read_text().split("iter 1: ")[1].splitlines()[0]
+
+
+def test_the_table_gives_each_arm_and_the_claim_between_them(ablation):
+    out, first, *_ = ablation
+    table = (out / "ablation.md").read_text()
+    assert table in first.stdout
+    assert [line.split(" | ")[0] for line in table.splitlines() if line.startswith(("| k16", "| step"))] == ["| k16", "| step"]
+    claim = [line for line in table.splitlines() if line.startswith("| annealing from dense")]
+    assert len(claim) == 1 and claim[0].rstrip(" |").endswith(("holds", "reversed", "inside the noise"))
+    assert (out / "ablation.png").stat().st_size > 0 and (out / "ablation.json").stat().st_size > 0
+
+
+def test_a_second_call_trains_nothing_again(ablation):
+    out, first, second, stamps, table = ablation
+    assert second.returncode == 0, second.stderr
+    assert {p: os.stat(out / p / "ckpt.pt").st_mtime_ns for p in stamps} == stamps
+    assert (out / "ablation.md").read_text() == table and table in second.stdout  # the same numbers
+
+
+@pytest.mark.parametrize("a,b,sign,says", [
+    ([1.0, 1.1, 0.9], [2.0, 2.1, 1.9], -1, "holds"),  # a lower by 1 on every seed
+    ([1.0, 1.1, 0.9], [2.0, 2.1, 1.9], +1, "reversed"),
+    ([1.0, 2.0, 0.5], [1.2, 1.1, 1.0], -1, "inside the noise"),  # the sign changes from seed to seed
+    ([1.0, 1.1, 0.9], [2.0, 2.1, 1.9], 0, "lower"),  # no predicted direction
+])
+def test_a_verdict_needs_a_paired_difference_of_2_standard_errors(a, b, sign, says):
+    mean, se, verdict_text = verdict(a, b, sign)
+    assert verdict_text == says and mean == pytest.approx(np.mean(np.subtract(a, b)))
