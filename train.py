@@ -27,7 +27,7 @@ from pretrained import SHAPE, load_weights
 out_dir = 'out'  # checkpoints go here
 data_dir = 'data/fineweb-edu'  # token shards written by prepare.py
 init_from = 'scratch'  # 'scratch', 'resume' (from out_dir/ckpt.pt), 'auto' (resume if out_dir has a ckpt.pt), or weights to TopK-ify: gpt2[-medium|-large|-xl], a transformers GPT-2 folder, a ckpt.pt
-overwrite = False  # with init_from='scratch': replace the run already in out_dir instead of refusing
+overwrite = False  # a new run (from scratch or from weights) replaces the run already in out_dir instead of refusing
 eval_interval = 1000  # evaluate and save ckpt.pt every this many iterations
 eval_iters = 100  # batches per evaluation (always the same tokens)
 log_interval = 10  # print a log line every this many iterations
@@ -167,6 +167,9 @@ if annealing_schedule not in SCHEDULES:
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if init_from == 'auto':  # what torchrun --max_restarts needs: a restarted job picks up where it was
     init_from = 'resume' if os.path.exists(ckpt_path) else 'scratch'
+if init_from != 'resume' and os.path.exists(ckpt_path) and not overwrite:
+    die(f"{out_dir} already holds a run (ckpt.pt); continue it with --init_from=resume, "
+        f"train into another --out_dir, or replace it with --overwrite=True")
 if init_from not in ('scratch', 'resume'):  # trained weights: a new run from them, fresh optimizer and schedule
     shape, weights = load_weights(init_from)
     for k in SHAPE:
@@ -177,9 +180,6 @@ if init_from not in ('scratch', 'resume'):  # trained weights: a new run from th
         die(f"--block_size={block_size} exceeds the {shape['block_size']} positions of the weights in {init_from}")
     weights['transformer.wpe.weight'] = weights['transformer.wpe.weight'][:block_size]  # a shorter context: the first positions
     model_args.update(vocab_size=shape['vocab_size'], gelu=shape['gelu'])
-if init_from != 'resume' and os.path.exists(ckpt_path) and not overwrite:
-    die(f"{out_dir} already holds a run (ckpt.pt); continue it with --init_from=resume, "
-        f"train into another --out_dir, or replace it with --overwrite=True")
 if init_from == 'resume':
     if not os.path.exists(ckpt_path):
         die(f"--init_from=resume but there is no checkpoint at {ckpt_path}")
