@@ -15,8 +15,10 @@ entropy of its neurons that fire and its dead fraction (analysis.py has the defi
 table gives mean ± standard deviation over seeds of the perplexity and of the mean token entropy
 over the arm's TopK layers (the dense twin: over k16's TopK layers), and says for each of the
 paper's claims whether it holds here, is reversed, or lies inside the noise: a difference within
-2 standard errors, the errors from the per-seed (paired) differences. Writes OUT_DIR/ablation.json,
-ablation.md (the table, also printed) and ablation.png (perplexity against mean token entropy).
+2 standard errors, the errors from the per-seed (paired) differences. Two more tables say why an
+arm differs: per layer the token entropy and dead fraction, and the loss by how frequent the target
+token is in the train shards. Writes OUT_DIR/ablation.json, ablation.md (the tables, also printed)
+and ablation.png (perplexity against mean token entropy).
 """
 import concurrent.futures
 import json
@@ -31,10 +33,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from torch.nn import functional as F
+
 from analysis import analyse, mean_over_firing, semantic_clusters
-from common import atomic_write, file_stamp, load_checkpoint
+from common import atomic_write, file_stamp, load_checkpoint, read_shard, shard_paths
 from configurator import configure, die
-from dictionary import mean_ce
 from model import load_model, topk_layers
 from neurons import load_eval_tokens
 
@@ -63,6 +66,8 @@ ARMS = {  # name: (train.py flags beyond the configuration's, what it tests)
     'cosine': (['--annealing_schedule=cosine'], 'cosine annealing'),
     'step': (['--annealing_schedule=step'], 'TopK from the first step'),
 }
+# target tokens by their frequency rank in the train shards: where in the vocabulary the loss differs
+RANKS = ((0, 100), (100, 1000), (1000, 10000), (10000, None))
 # (claim, arm a, arm b, measure, the sign of a - b that the claim predicts)
 CLAIMS = [
     ("annealing from dense trains better than switching TopK on at once", 'k16', 'step', 'ppl', -1),
@@ -95,22 +100,47 @@ def train(arm, seed, run):
         die(f"train.py failed for arm {arm}, seed {seed}: see {run}/train.log")
 
 
+def frequency_rank(data):
+    """Every token id's rank by its count in the train shards (0 = the most frequent)."""
+    counts = sum(np.bincount(read_shard(p), minlength=2**16) for p in shard_paths(data, 'train'))
+    rank = np.empty(len(counts), dtype=np.int64)
+    rank[np.argsort(-counts, kind='stable')] = np.arange(len(counts))
+    return torch.from_numpy(rank)
+
+
+@torch.no_grad()
+def token_losses(model, rows, batch_size=16):
+    """Next-token cross-entropy (nats) at every position of the token rows, flattened."""
+    out = []
+    for b in range(0, len(rows), batch_size):
+        x, y = rows[b:b + batch_size, :-1], rows[b:b + batch_size, 1:]
+        logits, _ = model(x, y)
+        out.append(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction='none'))
+    return torch.cat(out)
+
+
 def evaluate(run):
     """The run's numbers, cached in run/evaluation.json against its ckpt.pt (size, time)."""
     path, stamp = os.path.join(run, 'evaluation.json'), file_stamp(os.path.join(run, 'ckpt.pt'))
     if os.path.isfile(path):
         with open(path) as f:
             cached = json.load(f)
-        if cached.get('stamp') == stamp and cached.get('eval_tokens') == eval_tokens:
+        if cached.get('stamp') == stamp and cached.get('eval_tokens') == eval_tokens and 'ce_by_rank' in cached:
             return cached
     model, ckpt = load_model(run)
     data, block = ckpt['config']['data_dir'], model.config.block_size
-    ce = mean_ce(model, load_eval_tokens(data, eval_tokens, block + 1))
+    rows = load_eval_tokens(data, eval_tokens, block + 1)
+    losses, rank = token_losses(model, rows), frequency_rank(data)[rows[:, 1:].flatten()]
+    ce = losses.mean().item()
+    by_rank = {}
+    for lo, hi in RANKS:
+        where = (rank >= lo) & (rank < hi) if hi else rank >= lo
+        by_rank[f"{lo}-{hi - 1 if hi else ''}"] = [losses[where].mean().item(), where.float().mean().item()]  # CE, share
     tokens = load_eval_tokens(data, entropy_tokens, block)
     cluster_of = semantic_clusters(model.transformer.wte.weight.detach(), tokens, n_clusters, 1337)
     layers = list(range(model.config.n_layer))
     _, tables = analyse(model, tokens, layers, top_m, cluster_of)
-    result = dict(stamp=stamp, eval_tokens=eval_tokens, val_loss=ce, ppl=math.exp(ce),
+    result = dict(stamp=stamp, eval_tokens=eval_tokens, val_loss=ce, ppl=math.exp(ce), ce_by_rank=by_rank,
                   topk_layers=topk_layers(model.config.n_layer, model.config.topk, model.config.n_nontopk),
                   layers=[dict(token_entropy=mean_over_firing(t['h_tok']), semantic_entropy=mean_over_firing(t['h_sem']),
                                dead_fraction=t['dead'].float().mean().item()) for t in tables.values()])
@@ -138,7 +168,10 @@ def summarise(results, names, seed_list):
     default_layers, shared = topk_layers(n_layer, 1, 1), topk_layers(n_layer, 1, 2)
     return {arm: {'ppl': [results[arm, s]['ppl'] for s in seed_list],
                   'entropy': [entropy_of(results[arm, s], results[arm, s]['topk_layers'] or default_layers) for s in seed_list],
-                  'entropy_shared': [entropy_of(results[arm, s], shared) for s in seed_list]}
+                  'entropy_shared': [entropy_of(results[arm, s], shared) for s in seed_list],
+                  'layers': [results[arm, s]['layers'] for s in seed_list],
+                  'ce_by_rank': [results[arm, s]['ce_by_rank'] for s in seed_list],
+                  'topk_layers': results[arm, seed_list[0]]['topk_layers']}
             for arm in names}
 
 
@@ -166,6 +199,23 @@ def table(summary, seed_list):
         if a in summary and b in summary:
             mean, se, says = verdict(summary[a][measure], summary[b][measure], sign)
             lines.append(f"| {claim} | {measure} {a} − {b} | {mean:+.3f} ± {se:.3f} | {says} |")
+    first = next(iter(summary))
+    n_layer, shares = len(summary[first]['layers'][0]), summary[first]['ce_by_rank'][0]
+    lines += ["", "Per layer, mean over seeds: token entropy of the neurons that fire (bits) and, in brackets, "
+              "the dead fraction; * marks a TopK layer", "",
+              "| arm | " + " | ".join(f"layer {l}" for l in range(n_layer)) + " |", "| --- |" + " --- |" * n_layer]
+    for arm, s in summary.items():
+        cells = [f"{np.mean([r[l]['token_entropy'] for r in s['layers']]):.2f} "
+                 f"({np.mean([r[l]['dead_fraction'] for r in s['layers']]):.2f}){'*' if l in s['topk_layers'] else ''}"
+                 for l in range(n_layer)]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines += ["", "Where the loss differs: mean validation CE (nats) by the target token's frequency rank in the "
+              "train shards, mean over seeds (the share of positions under each rank range)", "",
+              "| arm | " + " | ".join(f"ranks {b} ({share:.0%})" for b, (_, share) in shares.items()) + " | all |",
+              "| --- |" + " --- |" * (len(shares) + 1)]
+    for arm, s in summary.items():
+        lines.append(f"| {arm} | " + " | ".join(f"{np.mean([r[b][0] for r in s['ce_by_rank']]):.3f}" for b in shares)
+                     + f" | {np.mean(np.log(s['ppl'])):.3f} |")
     return "\n".join(lines) + "\n"
 
 
