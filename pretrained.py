@@ -16,7 +16,7 @@ import os
 import struct
 
 import torch
-from huggingface_hub import hf_hub_download
+from huggingface_hub import hf_hub_download  # installed with datasets (requirements.txt)
 
 from common import load_checkpoint
 from configurator import die
