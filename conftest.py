@@ -8,11 +8,14 @@ them before writing):
     train_runs   train.py itself, uninterrupted, stopped and resumed, and on two gloo processes:
                  for test_train.py and test_errors.py
 
-and .ci/gpu's CPU dry run, started in the background as soon as its test is collected.
+and two jobs started in the background as soon as their tests are collected: .ci/gpu's CPU dry
+run and ablate.py over tiny runs.
 """
 import collections
 import concurrent.futures
+import contextlib
 import hashlib
+import io
 import os
 import pathlib
 import random
@@ -75,15 +78,25 @@ def run():
     return run_script
 
 
+def main_of(script, *args):
+    """The script's __main__ run in this process, without an interpreter start: what it printed to
+    stdout (stderr is left to pytest). A die() inside raises SystemExit; sys.exit(0) returns."""
+    argv, sys.argv = sys.argv, [script, *args]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            runpy.run_path(os.path.join(HERE, script), run_name="__main__")
+    except SystemExit as e:
+        if e.code not in (None, 0):  # a clean exit (--help) is a normal end
+            raise
+    finally:
+        sys.argv = argv
+    return out.getvalue()
+
+
 @pytest.fixture
-def run_main(monkeypatch, capsys):
-    """run_main(script, *args): the script's __main__ run in this process (no interpreter start),
-    returning what it printed; a die() inside raises SystemExit."""
-    def run_script(script, *args):
-        monkeypatch.setattr(sys, "argv", [script, *args])
-        runpy.run_path(os.path.join(HERE, script), run_name="__main__")
-        return capsys.readouterr().out
-    return run_script
+def run_main():
+    """run_main(script, *args): main_of, for a test."""
+    return main_of
 
 
 def topic_text(n_docs, seed):
@@ -259,37 +272,85 @@ def fingerprint(folder):
 
 
 # -----------------------------------------------------------------------------
-# .ci/gpu's dry run takes about 40 s of one core, all in processes of its own, and needs nothing
-# the other tests make. It starts when the tests are collected and its test is moved to the end,
-# so that it runs beside them on the core that most of them, single-threaded, leave idle.
-
-GPU_DRY_RUN = "test_the_gpu_checks_dry_run_passes_every_step_and_summarises_it"
-BACKGROUND = {}
+# Two jobs run in processes of their own and need nothing the other tests make: .ci/gpu's CPU dry
+# run (about 40 s of one core) and ablate.py over four tiny runs (about 20 s). They run one after
+# the other from the moment the tests are collected, and the tests that read them move to the end,
+# so that they use the core that most tests, single-threaded, leave idle.
 
 
-def pytest_collection_modifyitems(items):
-    items.sort(key=lambda item: item.name == GPU_DRY_RUN)  # a stable sort: the rest keep their order
+def ablation_flags(folder):
+    """ablate.py's flags for two arms and two seeds of a tiny configuration (TRAIN's shape, 3 blocks)
+    written into folder, one run at a time."""
+    return [f"--config={folder}/tiny.py", f"--out_dir={folder}/out", "--arms=k16,step", "--seeds=1,2", "--jobs=1",
+            "--max_iters=2", "--warmup_iters=1", "--eval_tokens=500", "--entropy_tokens=256", "--n_clusters=4"]
+
+
+def ablation_command(folder):
+    flags = [f for f in TRAIN if not f.startswith(("--max_iters", "--lr_decay_iters", "--warmup_iters",
+                                                   "--eval_interval", "--ckpt_interval", "--n_layer"))]
+    literal = lambda v: v if v[0].isdigit() or v in ("True", "False") else repr(v)  # cpu, float32: strings
+    with open(os.path.join(folder, "tiny.py"), "w") as f:
+        f.write("".join(f"{f[2:].split('=')[0]} = {literal(f.split('=', 1)[1])}\n" for f in flags)
+                + f"n_layer = 3\ndata_dir = {write_data(os.path.join(folder, 'data'))!r}\n")
+    return [sys.executable, os.path.join(HERE, "ablate.py"), *ablation_flags(folder)]
+
+
+BACKGROUND_JOBS = {  # the fixture that waits for it: the command, given its folder
+    "gpu_dry_run": lambda folder: [sys.executable, os.path.join(HERE, ".ci", "gpu"), folder, "--cpu-dry-run"],
+    "ablation_run": ablation_command,
+}
+BACKGROUND = {}  # name: (folder, process, its output file), in the order they started
+PENDING = []  # the jobs the collected tests need, not started yet
+
+
+def start_next_job():
+    """One job at a time: the next starts once the one before has ended (checked between tests)."""
+    if PENDING and all(proc.poll() is not None for _, proc, _ in BACKGROUND.values()):
+        name = PENDING.pop(0)
+        folder, output = tempfile.mkdtemp(prefix=name + "_"), tempfile.TemporaryFile("w+")
+        BACKGROUND[name] = folder, subprocess.Popen(  # a process group of its own, to stop it whole
+            BACKGROUND_JOBS[name](folder), env=ENV, stdout=output, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True), output
+
+
+def pytest_collection_modifyitems(items):  # a stable sort: the rest keep their order
+    items.sort(key=lambda item: any(name in BACKGROUND_JOBS for name in item.fixturenames))
 
 
 def pytest_collection_finish(session):
-    if any(item.name == GPU_DRY_RUN for item in session.items):
-        out = tempfile.mkdtemp(prefix="gpu_dry_run_")
-        BACKGROUND[GPU_DRY_RUN] = out, subprocess.Popen(  # a process group of its own, to stop it whole
-            [sys.executable, os.path.join(HERE, ".ci", "gpu"), out, "--cpu-dry-run"], env=ENV,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    PENDING[:] = [name for name in BACKGROUND_JOBS if any(name in item.fixturenames for item in session.items)]
+    start_next_job()
+
+
+def pytest_runtest_setup(item):
+    start_next_job()
 
 
 def pytest_sessionfinish(session):
-    for out, proc in BACKGROUND.values():  # also when the session stops before the test ran
+    for folder, proc, _ in BACKGROUND.values():  # also when the session stops before the test ran
         if proc.poll() is None:  # the step it is running too (train.py, torchrun and its ranks)
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def background(name):
+    """(its folder as a Path, exit status, output) of the job, once it ends."""
+    while name not in BACKGROUND:
+        for _, proc, _ in BACKGROUND.values():
+            proc.wait(timeout=600)
+        start_next_job()
+    folder, proc, output = BACKGROUND[name]
+    proc.wait(timeout=600)
+    output.seek(0)
+    return pathlib.Path(folder), proc.returncode, output.read()
 
 
 @pytest.fixture
 def gpu_dry_run():
-    """(its folder as a Path, exit status, output) of the dry run started at collection, once it ends."""
-    out, proc = BACKGROUND[GPU_DRY_RUN]
-    output, _ = proc.communicate(timeout=600)
-    return pathlib.Path(out), proc.returncode, output
+    return background("gpu_dry_run")
+
+
+@pytest.fixture(scope="session")
+def ablation_run():
+    return background("ablation_run")

@@ -6,28 +6,20 @@ import numpy as np
 import pytest
 
 from ablate import verdict
-from conftest import TRAIN
+from conftest import ablation_flags, main_of
 
 
 @pytest.fixture(scope="module")
-def ablation(data, run, tmp_path_factory):
-    """ablate.py over two arms and two seeds of a tiny configuration (TRAIN's shape, 3 blocks):
-    (out_dir, the command's result)."""
-    root = tmp_path_factory.mktemp("ablation")
-    flags = [f for f in TRAIN if not f.startswith(("--max_iters", "--lr_decay_iters", "--warmup_iters",
-                                                   "--eval_interval", "--ckpt_interval", "--n_layer"))]
-    literal = lambda v: v if v[0].isdigit() or v in ("True", "False") else repr(v)  # cpu, float32: strings
-    config = root / "tiny.py"
-    config.write_text("".join(f"{f[2:].split('=')[0]} = {literal(f.split('=', 1)[1])}\n" for f in flags)
-                      + f"n_layer = 3\ndata_dir = {str(data)!r}\n")
-    out = root / "out"
-    command = ("ablate.py", f"--config={config}", f"--out_dir={out}", "--arms=k16,step", "--seeds=1,2",
-               "--max_iters=2", "--warmup_iters=1", "--eval_tokens=500", "--entropy_tokens=256", "--n_clusters=4")
-    first = run(*command)
-    assert first.returncode == 0, first.stderr
+def ablation(ablation_run):
+    """ablate.py over two arms and two seeds of a tiny configuration, run in the background from the
+    start of the session (conftest.py), then again in this process: (out_dir, what each call
+    printed, the checkpoints' times after the first, the table)."""
+    folder, returncode, first = ablation_run
+    assert returncode == 0, first
+    out = folder / "out"
     stamps = {p: os.stat(out / p / "ckpt.pt").st_mtime_ns for p in os.listdir(out) if (out / p).is_dir()}
     table = (out / "ablation.md").read_text()
-    second = run(*command)
+    second = main_of("ablate.py", *ablation_flags(folder))
     return out, first, second, stamps, table
 
 
@@ -42,7 +34,7 @@ def test_every_arm_and_seed_is_a_run_of_its_own_flags(ablation):
 def test_the_table_gives_each_arm_and_the_claim_between_them(ablation):
     out, first, *_ = ablation
     table = (out / "ablation.md").read_text()
-    assert table in first.stdout
+    assert table in first
     arms, _, claims, _, per_layer, _, losses = table.strip().split("\n\n")
     assert [line.split(" | ")[0] for line in arms.splitlines()[2:]] == ["| k16", "| step"]
     for part in (per_layer, losses):  # why an arm differs: per layer, and by the target token's frequency
@@ -54,9 +46,8 @@ def test_the_table_gives_each_arm_and_the_claim_between_them(ablation):
 
 def test_a_second_call_trains_nothing_again(ablation):
     out, first, second, stamps, table = ablation
-    assert second.returncode == 0, second.stderr
     assert {p: os.stat(out / p / "ckpt.pt").st_mtime_ns for p in stamps} == stamps
-    assert (out / "ablation.md").read_text() == table and table in second.stdout  # the same numbers
+    assert (out / "ablation.md").read_text() == table and table in second  # the same numbers
 
 
 @pytest.mark.parametrize("a,b,sign,says", [

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from conftest import ENV, TRAIN
+from conftest import ENV, TRAIN, main_of
 from model import GPT, GPTConfig, load_model
 from pretrained import load_weights
 
@@ -24,12 +24,14 @@ def tokens():
 
 
 @pytest.fixture(scope="module")
-def topkified(data, train, tmp_path_factory):
+def topkified(data, tmp_path_factory):
     """A dense run of TRAIN's shape, and a TopK run (TRAIN's k and n_nontopk) started from its final
-    ckpt.pt and stopped at iteration 0, where alpha is 1 (linear annealing over 2 iterations)."""
+    ckpt.pt and stopped at iteration 0, where alpha is 1 (linear annealing over 2 iterations); both
+    train.py in this process."""
     dense, topk = tmp_path_factory.mktemp("dense"), tmp_path_factory.mktemp("topkified")
-    dense_log = train(data, dense, "--topk=0")
-    topk_log = train(data, topk, f"--init_from={dense / 'ckpt.pt'}", "--stop_iter=0")
+    dense_log = main_of("train.py", *TRAIN, f"--data_dir={data}", f"--out_dir={dense}", "--topk=0")
+    topk_log = main_of("train.py", *TRAIN, f"--data_dir={data}", f"--out_dir={topk}",
+                       f"--init_from={dense / 'ckpt.pt'}", "--stop_iter=0")
     return dense, dense_log, topk, topk_log
 
 

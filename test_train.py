@@ -91,19 +91,17 @@ def test_train_writes_resumable_and_series_checkpoints(reference):
     assert series["iter_num"] == 2 and "optimizer" not in series
 
 
-def test_sample_prints_continuations_of_the_prompt(reference, run):
-    result = run("sample.py", f"--out_dir={reference.out}", "--start=The office", "--num_samples=2",
-                 "--max_new_tokens=8")
-    assert result.returncode == 0, result.stderr
-    samples = [s.strip() for s in result.stdout.split("---------------") if s.strip()]
+def test_sample_prints_continuations_of_the_prompt(reference, run_main):
+    printed = run_main("sample.py", f"--out_dir={reference.out}", "--start=The office", "--num_samples=2",
+                       "--max_new_tokens=8")
+    samples = [s.strip() for s in printed.split("---------------") if s.strip()]
     assert len(samples) == 2 and all(s.startswith("The office") and len(s) > len("The office") for s in samples)
 
 
-def test_help_lists_every_key_with_its_default(run):
-    result = run("train.py", "--help")
-    assert result.returncode == 0
+def test_help_lists_every_key_with_its_default(run_main):
+    printed = run_main("train.py", "--help")  # and exits with status 0
     for key in ("--topk=64", "--n_nontopk=2", "--annealing_ratio=0.2", "--init_from='scratch'"):
-        assert key in result.stdout
+        assert key in printed
 
 
 # -----------------------------------------------------------------------------
