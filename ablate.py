@@ -33,11 +33,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from torch.nn import functional as F
-
 from analysis import analyse, mean_over_firing, semantic_clusters
 from common import atomic_write, file_stamp, load_checkpoint, read_shard, shard_paths
 from configurator import configure, die
+from dictionary import token_losses
 from model import load_model, topk_layers
 from neurons import load_eval_tokens
 
@@ -106,17 +105,6 @@ def frequency_rank(data):
     rank = np.empty(len(counts), dtype=np.int64)
     rank[np.argsort(-counts, kind='stable')] = np.arange(len(counts))
     return torch.from_numpy(rank)
-
-
-@torch.no_grad()
-def token_losses(model, rows, batch_size=16):
-    """Next-token cross-entropy (nats) at every position of the token rows, flattened."""
-    out = []
-    for b in range(0, len(rows), batch_size):
-        x, y = rows[b:b + batch_size, :-1], rows[b:b + batch_size, 1:]
-        logits, _ = model(x, y)
-        out.append(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction='none'))
-    return torch.cat(out)
 
 
 def evaluate(run):

@@ -303,14 +303,19 @@ def near_initialisation(coder, initial, threshold=0.7):
 
 
 @torch.no_grad()
-def mean_ce(model, tokens, batch_size=16):
-    """Mean next-token cross-entropy (nats) over every position of the token rows."""
-    total, dev = 0.0, next(model.parameters()).device
+def token_losses(model, tokens, batch_size=16):
+    """Next-token cross-entropy (nats) at every position of the token rows, flattened."""
+    out, dev = [], next(model.parameters()).device
     for b in range(0, len(tokens), batch_size):
         rows = tokens[b:b + batch_size].to(dev)
-        _, loss = model(rows[:, :-1], rows[:, 1:])
-        total += loss.item() * len(rows)
-    return total / len(tokens)
+        logits, _ = model(rows[:, :-1], rows[:, 1:])
+        out.append(F.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].flatten(), reduction='none'))
+    return torch.cat(out)
+
+
+def mean_ce(model, tokens, batch_size=16):
+    """Mean next-token cross-entropy (nats) over every position of the token rows."""
+    return token_losses(model, tokens, batch_size).mean().item()
 
 
 @torch.no_grad()
