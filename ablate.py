@@ -7,8 +7,9 @@ The paper's ablations, with error bars over seeds, on one short real-English con
 Every arm x seed is a train.py run into OUT_DIR/ARM-sSEED (kept: a second call trains only what is
 missing), evaluated here on the same validation tokens. Within a seed every arm sees the same
 training tokens, since train.py's batches follow from (seed, iteration). The arms (ARMS) change one
-thing each against k16, the configuration's own TopK LM (k 16 of 512, n_nontopk 1, linear annealing):
-the dense twin, n_nontopk 0 and 2, k 8 and 32, and cosine and step annealing.
+thing each against k16, the TopK LM of k 16 (of 512 in the default configuration), n_nontopk 1 and
+linear annealing, set by flags whatever the configuration says: the dense twin, n_nontopk 0 and 2,
+k 8 and 32, and cosine and step annealing.
 
 Per run: validation perplexity over eval_tokens, and for every block the mean token and semantic
 entropy of its neurons that fire and its dead fraction (analysis.py has the definitions). The
@@ -80,17 +81,33 @@ CLAIMS = [
 ]
 
 
-def trained(run):
-    """Whether run holds a ckpt.pt of a finished run of max_iters steps."""
+def arm_flags(arm, seed):
+    """train.py's flags beyond the configuration file for one arm and seed; k16's settings first, so
+    that every arm differs from it in its own flags alone, whatever the file says."""
+    return [f'--seed={seed}', f'--max_iters={max_iters}', f'--lr_decay_iters={max_iters}',
+            f'--warmup_iters={warmup_iters}', '--topk=16', '--n_nontopk=1', '--annealing_schedule=linear', *ARMS[arm][0]]
+
+
+def trained(arm, seed, run):
+    """Whether run holds a finished run of this arm and seed. A run that stopped early is trained
+    again; one made with other flags is refused, not replaced (the configuration file's own values
+    are not compared)."""
     path = os.path.join(run, 'ckpt.pt')
-    return os.path.isfile(path) and load_checkpoint(path)['iter_num'] == max_iters
+    if not os.path.isfile(path):
+        return False
+    ckpt = load_checkpoint(path)
+    wanted = dict(f[2:].split('=', 1) for f in arm_flags(arm, seed))  # later flags win, as in train.py
+    for k, v in wanted.items():
+        if str(ckpt['config'].get(k)) != v:
+            die(f"{run} holds a run with {k}={ckpt['config'].get(k)}, not the {v} of arm {arm}, seed {seed}: "
+                "give another --out_dir, or remove that run")
+    return ckpt['iter_num'] == max_iters
 
 
 def train(arm, seed, run):
     """train.py for one arm and seed, one thread, its output in run/train.log."""
-    flags = [config, f'--seed={seed}', f'--out_dir={run}', f'--max_iters={max_iters}', f'--lr_decay_iters={max_iters}',
-             f'--warmup_iters={warmup_iters}', f'--eval_interval={max_iters}', '--ckpt_interval=0', '--overwrite=True',
-             *ARMS[arm][0]]
+    flags = [config, *arm_flags(arm, seed), f'--out_dir={run}', f'--eval_interval={max_iters}', '--ckpt_interval=0',
+             '--overwrite=True']
     os.makedirs(run, exist_ok=True)
     with open(os.path.join(run, 'train.log'), 'w') as log:
         done = subprocess.run([sys.executable, TRAIN_PY, *flags], stdout=log, stderr=subprocess.STDOUT,
@@ -110,10 +127,11 @@ def frequency_rank(data):
 def evaluate(run):
     """The run's numbers, cached in run/evaluation.json against its ckpt.pt (size, time)."""
     path, stamp = os.path.join(run, 'evaluation.json'), file_stamp(os.path.join(run, 'ckpt.pt'))
+    settings = dict(eval_tokens=eval_tokens, entropy_tokens=entropy_tokens, top_m=top_m, n_clusters=n_clusters)
     if os.path.isfile(path):
         with open(path) as f:
             cached = json.load(f)
-        if cached.get('stamp') == stamp and cached.get('eval_tokens') == eval_tokens and 'ce_by_rank' in cached:
+        if cached.get('stamp') == stamp and cached.get('settings') == settings:
             return cached
     model, ckpt = load_model(run)
     data, block = ckpt['config']['data_dir'], model.config.block_size
@@ -128,7 +146,7 @@ def evaluate(run):
     cluster_of = semantic_clusters(model.transformer.wte.weight.detach(), tokens, n_clusters, 1337)
     layers = list(range(model.config.n_layer))
     _, tables = analyse(model, tokens, layers, top_m, cluster_of)
-    result = dict(stamp=stamp, eval_tokens=eval_tokens, val_loss=ce, ppl=math.exp(ce), ce_by_rank=by_rank,
+    result = dict(stamp=stamp, settings=settings, val_loss=ce, ppl=math.exp(ce), ce_by_rank=by_rank,
                   topk_layers=topk_layers(model.config.n_layer, model.config.topk, model.config.n_nontopk),
                   layers=[dict(token_entropy=mean_over_firing(t['h_tok']), semantic_entropy=mean_over_firing(t['h_sem']),
                                dead_fraction=t['dead'].float().mean().item()) for t in tables.values()])
@@ -138,15 +156,20 @@ def evaluate(run):
 
 def one_run(arm, seed):
     run = os.path.join(out_dir, f'{arm}-s{seed}')
-    if not trained(run):
+    if not trained(arm, seed, run):
         train(arm, seed, run)
     result = evaluate(run)
     print(f"{arm} seed {seed}: val ppl {result['ppl']:.2f}", flush=True)
     return result
 
 
+def token_entropy(layer):
+    """A layer's mean token entropy over its neurons that fire; nan if none fires (JSON null)."""
+    return math.nan if layer['token_entropy'] is None else layer['token_entropy']
+
+
 def entropy_of(result, layers):
-    return float(np.mean([result['layers'][l]['token_entropy'] for l in layers]))
+    return float(np.nanmean([token_entropy(result['layers'][l]) for l in layers]))
 
 
 def summarise(results, names, seed_list):
@@ -193,7 +216,7 @@ def table(summary, seed_list):
               "the dead fraction; * marks a TopK layer", "",
               "| arm | " + " | ".join(f"layer {l}" for l in range(n_layer)) + " |", "| --- |" + " --- |" * n_layer]
     for arm, s in summary.items():
-        cells = [f"{np.mean([r[l]['token_entropy'] for r in s['layers']]):.2f} "
+        cells = [f"{np.mean([token_entropy(r[l]) for r in s['layers']]):.2f} "
                  f"({np.mean([r[l]['dead_fraction'] for r in s['layers']]):.2f}){'*' if l in s['topk_layers'] else ''}"
                  for l in range(n_layer)]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
@@ -239,6 +262,10 @@ def main():
     os.makedirs(out_dir, exist_ok=True)
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
         futures = {(a, s): pool.submit(one_run, a, s) for s in seed_list for a in names}
+        for done in concurrent.futures.as_completed(futures.values()):
+            if done.exception() is not None:  # say so now, not after the runs still queued
+                pool.shutdown(cancel_futures=True)
+                done.result()
         results = {key: f.result() for key, f in futures.items()}
     summary = summarise(results, names, seed_list)
     text = table(summary, seed_list)

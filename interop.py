@@ -40,7 +40,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
 from dictionary import TopKReLU
 from model import TopK, topk_layers
-from pretrained import CONV1D, GELU_OF
+from pretrained import CONV1D, GELU_OF, HF_GELU
 
 
 # GPT-2's own tokenizer files, the ones tiktoken reads its 'gpt2' encoding from (and caches, so this
@@ -61,8 +61,6 @@ def write_tokenizer(folder):
 
 # -----------------------------------------------------------------------------
 # Hugging Face transformers
-
-HF_GELU = {'none': 'gelu', 'tanh': 'gelu_new'}  # GPTConfig.gelu -> transformers' (and TL's) name
 
 
 def hf_config(c):

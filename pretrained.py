@@ -13,6 +13,7 @@ would get logit 0, far above GPT-2's, and change the loss); its GELU is the tanh
 """
 import json
 import os
+import pickle
 import struct
 
 import torch
@@ -25,6 +26,7 @@ HUB = {name: f'openai-community/{name}' for name in ('gpt2', 'gpt2-medium', 'gpt
 # nn.Linear keeps (out, in), GPT-2's Conv1D (in, out): these four weights are transposed
 CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
 GELU_OF = {'gelu': 'none', 'gelu_new': 'tanh', 'gelu_pytorch_tanh': 'tanh'}  # transformers' name -> GPTConfig.gelu
+HF_GELU = {'none': 'gelu', 'tanh': 'gelu_new'}  # and back, the name interop.py writes (TransformerLens's too)
 SHAPE = ('n_layer', 'n_head', 'n_embd', 'bias')  # what the weights fix; block_size may be shorter
 SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16}
 
@@ -35,7 +37,9 @@ def read_safetensors(path):
     with open(path, 'rb') as f:
         n = struct.unpack('<Q', f.read(8))[0]
         header = json.loads(f.read(n))
-        data = bytearray(f.read())  # writable, as torch.frombuffer wants; the tensors share it
+        data = bytearray(os.fstat(f.fileno()).st_size - 8 - n)  # writable, as torch.frombuffer wants;
+        if f.readinto(data) != len(data):                         # one copy in memory, the tensors share it
+            raise ValueError(f"{path} is shorter than its header says")
     tensors = {}
     for name, t in header.items():
         if name == '__metadata__':
@@ -96,10 +100,12 @@ def folder_weights(folder):
 def load_weights(source):
     """(shape, state dict) of the weights --init_from names: the model shape they fix (SHAPE,
     block_size, vocab_size, gelu) and the weights under this project's names."""
-    if source in HUB:
-        return folder_weights(hub_folder(source))
-    if os.path.isfile(os.path.join(source, 'config.json')):
-        return folder_weights(source)
+    if source in HUB or os.path.isfile(os.path.join(source, 'config.json')):
+        folder = hub_folder(source) if source in HUB else source
+        try:
+            return folder_weights(folder)
+        except (OSError, ValueError, KeyError, RuntimeError, struct.error, pickle.UnpicklingError) as e:  # a damaged file
+            die(f"--init_from={source}: cannot read the GPT-2 in {folder} ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
     if os.path.isfile(source) or os.path.isfile(os.path.join(source, 'ckpt.pt')):
         ckpt = load_checkpoint(source)
         a = ckpt['model_args']

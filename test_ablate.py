@@ -1,12 +1,16 @@
 """ablate.py: every arm x seed trained once with its flags, on the same tokens within a seed, and the
 table of means, standard deviations and verdicts, on tiny runs of 2 steps."""
+import json
 import os
+import shutil
 
 import numpy as np
 import pytest
+import torch
 
+import ablate
 from ablate import verdict
-from conftest import ablation_flags, main_of
+from conftest import ablation_flags, fingerprint, main_of
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +33,8 @@ def test_every_arm_and_seed_is_a_run_of_its_own_flags(ablation):
     log = (out / "step-s1" / "train.log").read_text()
     assert "iter 1: " in log and "alpha 0.000" in log.split("iter 1: ")[1].splitlines()[0]  # TopK from step 0
     assert "alpha 1.000" in (out / "k16-s1" / "train.log").read_text().split("iter 1: ")[1].splitlines()[0]
+    # k16 is k 16, though the configuration file says topk = 8
+    assert torch.load(out / "k16-s1" / "ckpt.pt", weights_only=True)["model_args"]["topk"] == 16
 
 
 def test_the_table_gives_each_arm_and_the_claim_between_them(ablation):
@@ -48,6 +54,26 @@ def test_a_second_call_trains_nothing_again(ablation):
     out, first, second, stamps, table = ablation
     assert {p: os.stat(out / p / "ckpt.pt").st_mtime_ns for p in stamps} == stamps
     assert (out / "ablation.md").read_text() == table and table in second  # the same numbers
+
+
+def test_a_run_made_with_other_flags_is_refused_not_replaced(ablation, tmp_path):
+    out, *_ = ablation
+    (tmp_path / "k16-s1").mkdir()
+    shutil.copy(out / "step-s1" / "ckpt.pt", tmp_path / "k16-s1")  # step annealing, where k16 wants linear
+    before = fingerprint(tmp_path)
+    flags = [f if not f.startswith("--out_dir=") else f"--out_dir={tmp_path}" for f in ablation_flags(out.parent)]
+    with pytest.raises(SystemExit, match=r"k16-s1 holds a run with annealing_schedule=step, not the linear of arm k16"):
+        main_of("ablate.py", *flags, "--arms=k16", "--seeds=1")
+    assert fingerprint(tmp_path) == before
+
+
+def test_an_evaluation_with_other_settings_is_made_again(ablation, monkeypatch):
+    out, *_ = ablation
+    monkeypatch.setattr(ablate, "n_clusters", 3)
+    monkeypatch.setattr(ablate, "eval_tokens", 500)
+    monkeypatch.setattr(ablate, "entropy_tokens", 256)
+    assert ablate.evaluate(str(out / "k16-s1"))["settings"]["n_clusters"] == 3
+    assert json.loads((out / "k16-s1" / "evaluation.json").read_text())["settings"]["n_clusters"] == 3
 
 
 @pytest.mark.parametrize("a,b,sign,says", [

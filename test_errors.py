@@ -2,6 +2,7 @@
 Bad input: one line on stderr naming the flag, file or value, exit status 1, no traceback, and
 nothing already on disk touched, for every script (prepare.py's own inputs: test_prepare.py).
 """
+import json
 import os
 import re
 import shutil
@@ -13,8 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from common import VOCAB_SIZE, encode_prompt, load_checkpoint, read_shard, shard_paths, write_shard
+from common import VOCAB_SIZE, encode_prompt, load_checkpoint, read_shard, save_checkpoint, shard_paths, write_shard
 from conftest import TRAIN, fingerprint, write_data
+from model import GPT, GPTConfig
 
 
 # The table has two parts: rows that need a script's command line, and rows met by one function
@@ -42,6 +44,18 @@ COMMAND_LINE_TABLE = [
      "--block_size=64 exceeds the 32 positions of the weights in {d}/run"),
     ("init_from naming no weights", "train.py", ["--init_from={d}/nothing"],
      "--init_from='{d}/nothing' is not 'scratch', 'resume', 'auto', one of gpt2, gpt2-medium"),
+    ("resume with another annealing schedule", "train.py",
+     ["--init_from=resume", "--out_dir={d}/run", "--annealing_schedule=cosine"],
+     "--annealing_schedule='cosine' differs from the checkpoint's annealing_schedule='linear' in {d}/run/ckpt.pt"),
+    ("init_from a checkpoint that --overwrite would remove", "train.py",
+     ["--init_from={d}/run/ckpt.pt", "--out_dir={d}/run", "--overwrite=True"],
+     "--init_from={d}/run/ckpt.pt is a checkpoint of --out_dir={d}/run, whose ckpt*.pt files --overwrite=True removes"),
+    ("init_from a damaged transformers folder", "train.py", ["--init_from={d}/damaged_gpt2"],
+     "--init_from={d}/damaged_gpt2: cannot read the GPT-2 in {d}/damaged_gpt2 (JSONDecodeError"),
+    ("init_from a transformers folder missing tensors", "train.py", ["--init_from={d}/partial_gpt2"],
+     "the weights of {d}/partial_gpt2 do not fit the model: Error(s) in loading state_dict for GPT: Missing key(s)"),
+    ("init_from weights with fewer tokens than the shards", "train.py", ["--init_from={d}/small_vocab"],
+     "beyond the vocabulary size 512"),
     ("unknown annealing schedule", "train.py", ["--annealing_schedule=exp"],
      "--annealing_schedule must be one of linear, cosine, step, got 'exp'"),
     ("topk larger than d_ff", "train.py", ["--topk=129"], "topk must be in [0, d_ff = 4 * n_embd = 128], got 129"),
@@ -71,6 +85,25 @@ def make_input(d, name, finished_run):
     elif name == "snapshot":  # a ckpt_{iter}.pt (model only) copied over ckpt.pt
         os.makedirs(path)
         shutil.copy(finished_run / "ckpt_000002.pt", os.path.join(path, "ckpt.pt"))
+    elif name == "damaged_gpt2":  # a transformers folder whose safetensors header is cut short
+        os.makedirs(path)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(dict(model_type="gpt2", n_layer=2, n_head=2, n_embd=32, n_positions=32), f)
+        with open(os.path.join(path, "model.safetensors"), "wb") as f:
+            f.write((64).to_bytes(8, "little") + b'{"wte.weight": ')
+    elif name == "partial_gpt2":  # a well-formed safetensors file holding wte alone
+        os.makedirs(path)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(dict(model_type="gpt2", n_layer=2, n_head=2, n_embd=32, n_positions=32), f)
+        wte = np.zeros((50257, 32), np.float32)
+        header = json.dumps({"wte.weight": dict(dtype="F32", shape=list(wte.shape), data_offsets=[0, wte.nbytes])}).encode()
+        with open(os.path.join(path, "model.safetensors"), "wb") as f:
+            f.write(len(header).to_bytes(8, "little") + header + wte.tobytes())
+    elif name == "small_vocab":  # a run's weights with a vocabulary of 512, below the shards' token ids
+        args = dict(load_checkpoint(str(finished_run))["model_args"], vocab_size=512)
+        os.makedirs(path)
+        save_checkpoint(dict(model=GPT(GPTConfig(**args)).state_dict(), model_args=args, iter_num=0, config={}),
+                        os.path.join(path, "ckpt.pt"))
     elif name == "no_text.parquet":
         pq.write_table(pa.table({"body": ["a document in the wrong column"]}), path)
 

@@ -70,8 +70,12 @@ def test_every_annealing_schedule_follows_its_formula_and_ends_at_0(schedule, ex
 
 def test_only_step_annealing_is_topk_at_iteration_0():
     assert [annealed_alpha(0, 0.2, 100, s) for s in ("linear", "cosine", "step")] == [1.0, 1.0, 0.0]
+
+
+def test_a_checkpoints_alpha_is_read_with_its_own_schedule():  # what the analysis scripts read it as
     ckpt = dict(iter_num=0, config=dict(annealing_ratio=0.2, max_iters=100, annealing_schedule="step"))
-    assert trained_alpha(ckpt) == 0.0  # what the analysis scripts read a checkpoint's alpha as
+    assert trained_alpha(ckpt) == 0.0
+    assert trained_alpha(dict(ckpt, config=dict(ckpt["config"], annealing_schedule="linear"))) == 1.0
 
 
 def test_the_tanh_gelu_is_gpt2s_own_approximation():

@@ -102,13 +102,8 @@ if master:
     print(f"tokens per iteration: {tokens_per_iter:,} ({gradient_accumulation_steps} x {batch_size} x {block_size})")
 
 # -----------------------------------------------------------------------------
-# data: memory-mapped shards; every batch is a pure function of (seed, iteration, micro-batch),
+# data: memory-mapped shards (read below, once the run's vocabulary is known); every batch is a pure function of (seed, iteration, micro-batch),
 # so a resumed run and a run over any number of processes see exactly the same tokens
-splits = {s: [read_shard(p, VOCAB_SIZE) for p in shard_paths(data_dir, s)] for s in ('train', 'val')}
-for s, shards in splits.items():
-    longest = max(len(t) for t in shards)
-    if longest <= block_size:
-        die(f"--block_size={block_size} needs shards longer than it, but the longest {s} shard in {data_dir} has {longest} tokens")
 
 
 def batch_at(split, starts):
@@ -171,6 +166,10 @@ if init_from != 'resume' and os.path.exists(ckpt_path) and not overwrite:
     die(f"{out_dir} already holds a run (ckpt.pt); continue it with --init_from=resume, "
         f"train into another --out_dir, or replace it with --overwrite=True")
 if init_from not in ('scratch', 'resume'):  # trained weights: a new run from them, fresh optimizer and schedule
+    source = os.path.realpath(init_from if os.path.isfile(init_from) else os.path.join(init_from, 'ckpt.pt'))
+    if overwrite and os.path.dirname(source) == os.path.realpath(out_dir) and os.path.basename(source).startswith('ckpt'):
+        die(f"--init_from={init_from} is a checkpoint of --out_dir={out_dir}, whose ckpt*.pt files --overwrite=True "
+            "removes: copy it elsewhere first")
     shape, weights = load_weights(init_from)
     for k in SHAPE:
         if model_args[k] != shape[k]:
@@ -178,7 +177,8 @@ if init_from not in ('scratch', 'resume'):  # trained weights: a new run from th
                 f"(their shape: {' '.join(f'--{s}={shape[s]}' for s in SHAPE)})")
     if block_size > shape['block_size']:
         die(f"--block_size={block_size} exceeds the {shape['block_size']} positions of the weights in {init_from}")
-    weights['transformer.wpe.weight'] = weights['transformer.wpe.weight'][:block_size]  # a shorter context: the first positions
+    if 'transformer.wpe.weight' in weights:  # a shorter context: the first positions (one missing: load_state_dict says so)
+        weights['transformer.wpe.weight'] = weights['transformer.wpe.weight'][:block_size]
     model_args.update(vocab_size=shape['vocab_size'], gelu=shape['gelu'])
 if init_from == 'resume':
     if not os.path.exists(ckpt_path):
@@ -190,16 +190,30 @@ if init_from == 'resume':
     for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'topk', 'n_nontopk'):
         if checkpoint['model_args'].get(k) != model_args[k]:
             die(f"--{k}={model_args[k]} differs from the checkpoint's {k}={checkpoint['model_args'].get(k)} in {ckpt_path}")
+    for k, was in (('annealing_schedule', checkpoint['config'].get('annealing_schedule', 'linear')),
+                   ('annealing_ratio', checkpoint['config'].get('annealing_ratio'))):
+        if was != config[k]:  # alpha would jump, and trained_alpha would misread the run
+            die(f"--{k}={config[k]!r} differs from the checkpoint's {k}={was!r} in {ckpt_path}")
     # as the run began: a run from GPT-2's weights has its 50,257 tokens and tanh GELU
     model_args.update(vocab_size=checkpoint['model_args']['vocab_size'], gelu=checkpoint['model_args'].get('gelu', 'none'))
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
+# the shards (batch_at's) are checked against the vocabulary the run has: other weights may have fewer tokens
+splits = {s: [read_shard(p, model_args['vocab_size']) for p in shard_paths(data_dir, s)] for s in ('train', 'val')}
+for s, shards in splits.items():
+    longest = max(len(t) for t in shards)
+    if longest <= block_size:
+        die(f"--block_size={block_size} needs shards longer than it, but the longest {s} shard in {data_dir} has {longest} tokens")
 try:
     model = GPT(GPTConfig(**model_args))
 except ValueError as e:
     die(str(e))
 if checkpoint is not None or weights is not None:
-    model.load_state_dict(checkpoint['model'] if checkpoint is not None else weights)
-    weights = None
+    try:
+        model.load_state_dict(checkpoint['model'] if checkpoint is not None else weights)
+    except RuntimeError as e:  # e.g. a folder whose config.json does not match its weights
+        die(f"the weights of {ckpt_path if checkpoint is not None else init_from} do not fit the model: "
+            f"{' '.join(str(e).split())[:200]}")
+    weights = None  # free memory: the model holds its own copy
 model.to(device)
 scaler = torch.amp.GradScaler(enabled=(dtype == 'float16'))  # bf16 and fp32 need no loss scaling
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
