@@ -78,6 +78,17 @@ def run():
     return run_script
 
 
+INTEROP_REQUIRED = os.environ.get("TOPK_INTEROP_REQUIRED") == "1"  # .ci/run sets it: in CI the optional tests must run
+
+
+def import_or_skip(packages, requirements):
+    """Skip the calling test file if an optional package is missing, except in CI, where its own
+    import error then stands."""
+    if not INTEROP_REQUIRED:
+        for package in packages:
+            pytest.importorskip(package, reason=f"an optional package: pip install -r {requirements}")
+
+
 def main_of(script, *args):
     """The script's __main__ run in this process, without an interpreter start: what it printed to
     stdout (stderr is left to pytest). A die() inside raises SystemExit; sys.exit(0) returns."""

@@ -1,12 +1,11 @@
 """dashboard.py: SAEDashboard renders a TopK LM's neurons from export.py's TransformerLens and
 SAELens folders, with analysis.py's top contexts, on conftest's tiny TopK run."""
-import os
 import shutil
 
 import pytest
 
-if os.environ.get("TOPK_INTEROP_REQUIRED") != "1":  # .ci/run sets it: in CI these tests must run
-    pytest.importorskip("sae_dashboard", reason="the optional interop packages: pip install -r requirements-interop.txt")
+from conftest import import_or_skip  # the check comes before the optional imports
+import_or_skip(("sae_dashboard",), "requirements-interop.txt")
 
 from sae_lens import SAE, HookedSAETransformer  # noqa: E402 (after the check that they are installed)
 

@@ -2,7 +2,6 @@
 neuron's page, search), requests at once, bad input, and the page itself in headless Chromium,
 on conftest's tiny TopK run."""
 import math
-import os
 import shutil
 import socket
 import threading
@@ -10,15 +9,13 @@ import threading
 import pytest
 import torch
 
-if os.environ.get("TOPK_INTEROP_REQUIRED") != "1":  # .ci/run sets it: in CI these tests must run
-    for package in ("gradio", "playwright"):
-        pytest.importorskip(package, reason="the optional explorer packages: pip install -r requirements-explore.txt")
+from conftest import WORDS, import_or_skip  # the check comes before the optional imports
+import_or_skip(("gradio", "playwright"), "requirements-explore.txt")
 
 from playwright.sync_api import sync_playwright  # noqa: E402 (after the check that it is installed)
 
 import explore  # noqa: E402
 from common import encode, save_checkpoint  # noqa: E402
-from conftest import WORDS  # noqa: E402
 from dictionary import SparseCoder, model_shape, save_dictionary  # noqa: E402
 from search import concept_search, concept_token_ids, trial_strength  # noqa: E402
 

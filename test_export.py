@@ -1,16 +1,14 @@
 """export.py and interop.py: each format read by its own library (transformers, TransformerLens,
 SAELens) gives this project's logits and neurons, on conftest's tiny TopK run and its dense twin."""
 import json
-import os
 import shutil
 
 import pytest
 import torch
 from torch.nn import functional as F
 
-if os.environ.get("TOPK_INTEROP_REQUIRED") != "1":  # .ci/run sets it: in CI these tests must run
-    for package in ("safetensors", "transformers", "transformer_lens", "sae_lens"):
-        pytest.importorskip(package, reason="the optional interop packages: pip install -r requirements-interop.txt")
+from conftest import fingerprint, import_or_skip  # the check comes before the optional imports
+import_or_skip(("safetensors", "transformers", "transformer_lens", "sae_lens"), "requirements-interop.txt")
 
 from sae_lens import SAE  # noqa: E402 (after the check that they are installed)
 from transformer_lens import HookedTransformerConfig  # noqa: E402
@@ -18,7 +16,6 @@ from transformers import AutoTokenizer, GPT2LMHeadModel  # noqa: E402
 
 import interop  # noqa: E402
 from common import get_encoding  # noqa: E402
-from conftest import fingerprint  # noqa: E402
 from dictionary import SparseCoder, model_shape, save_dictionary  # noqa: E402
 from model import load_model  # noqa: E402
 from neurons import capture  # noqa: E402

@@ -1,19 +1,18 @@
 """pretrained.py and train.py --init_from=WEIGHTS: a TopK LM started from a trained dense model (a
 dense run of this project, or a transformers GPT-2 folder) is that model at iteration 0 (alpha = 1),
 with a fresh optimizer and schedule."""
-import os
 
 import pytest
 import torch
 
-from conftest import ENV, TRAIN, main_of
+from conftest import ENV, INTEROP_REQUIRED, TRAIN, main_of
 from model import GPT, GPTConfig, load_model
 from pretrained import load_weights
 
 try:  # transformers only writes the GPT-2 folders here; train.py reads them without it
     from transformers import GPT2Config, GPT2LMHeadModel
 except ImportError:
-    if os.environ.get("TOPK_INTEROP_REQUIRED") == "1":  # .ci/run sets it: in CI these tests must run
+    if INTEROP_REQUIRED:
         raise
     GPT2LMHeadModel = None
 needs_transformers = pytest.mark.skipif(GPT2LMHeadModel is None, reason="pip install -r requirements-interop.txt")

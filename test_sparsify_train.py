@@ -1,14 +1,12 @@
 """sparsify_train.py: the post-hoc dictionaries trained by EleutherAI sparsify, converted exactly to
 dictionary.py's coders, and sae.py --trainer=sparsify end to end on conftest's tiny runs."""
 import json
-import os
 
 import pytest
 import torch
 
-if os.environ.get("TOPK_INTEROP_REQUIRED") != "1":  # .ci/run sets it: in CI these tests must run
-    for package in ("transformers", "sparsify"):
-        pytest.importorskip(package, reason="the optional interop packages: pip install -r requirements-interop.txt")
+from conftest import import_or_skip  # the check comes before the optional imports
+import_or_skip(("transformers", "sparsify"), "requirements-interop.txt")
 
 from datasets import Dataset  # noqa: E402
 from sparsify import SparseCoder as SparsifyCoder  # noqa: E402 (after the check that it is installed)
