@@ -308,7 +308,7 @@ def token_losses(model, tokens, batch_size=16):
     out, dev = [], next(model.parameters()).device
     for b in range(0, len(tokens), batch_size):
         rows = tokens[b:b + batch_size].to(dev)
-        logits, _ = model(rows[:, :-1], rows[:, 1:])
+        logits = model.logits(rows[:, :-1])
         out.append(F.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].flatten(), reduction='none'))
     return torch.cat(out)
 

@@ -226,7 +226,8 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def forward(self, idx, targets=None, cache=None, return_logits=True):
+    def trunk(self, idx, cache=None):
+        """The residual stream after ln_f at every position: what lm_head reads."""
         B, T = idx.size()
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
@@ -235,7 +236,15 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
             x = block(x, cache)
-        x = self.transformer.ln_f(x)
+        return self.transformer.ln_f(x)
+
+    def logits(self, idx):
+        """The logits at every position and no loss, for scoring text (forward without targets
+        gives the last position only, and with them computes a loss the caller would not use)."""
+        return self.lm_head(self.trunk(idx))
+
+    def forward(self, idx, targets=None, cache=None, return_logits=True):
+        x = self.trunk(idx, cache)
         if targets is None:  # inference: only the last position's logits are needed
             return self.lm_head(x[:, [-1], :]), None
         if not return_logits and fused_loss.applies(x):

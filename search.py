@@ -37,8 +37,7 @@ def concept_probability(model, rows, concept_ids, positions=4096):
     total, step = 0.0, max(1, positions // rows.size(1))
     for i in range(0, len(rows), step):
         chunk = rows[i:i + step]
-        logits, _ = model(chunk[:, :-1], chunk[:, 1:])  # with targets: logits at every position
-        logits = logits.float()
+        logits = model.logits(chunk[:, :-1]).float()
         total += (logits[..., concept_ids].logsumexp(-1) - logits.logsumexp(-1)).exp().sum().item()
     return total / (len(rows) * (rows.size(1) - 1))
 

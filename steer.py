@@ -76,7 +76,7 @@ def continuation_perplexity(model, prompt, continuations):
     block_size + 1 are scored in one window (the continuation's last block_size tokens)."""
     rows = torch.cat([torch.tensor(prompt).expand(len(continuations), -1), continuations.cpu()], 1)
     rows = rows[:, -(model.config.block_size + 1):].to(next(model.parameters()).device)
-    logits, _ = model(rows[:, :-1], rows[:, 1:])  # with targets: logits at every position
+    logits = model.logits(rows[:, :-1])
     L = min(continuations.size(1), rows.size(1) - 1)
     nll = F.cross_entropy(logits[:, -L:].transpose(1, 2).float(), rows[:, -L:], reduction='none')
     return nll.mean(1).exp().cpu()
