@@ -71,6 +71,15 @@ COMMAND_LINE_TABLE = [
 ]
 
 
+def gpt2_folder(path, safetensors):
+    """A transformers GPT-2 folder of TRAIN's shape: its config.json, and model.safetensors's bytes."""
+    os.makedirs(path)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(dict(model_type="gpt2", n_layer=2, n_head=2, n_embd=32, n_positions=32), f)
+    with open(os.path.join(path, "model.safetensors"), "wb") as f:
+        f.write(safetensors)
+
+
 def make_input(d, name, finished_run):
     """Make {d}/name as a row's arguments name it; other names (an out_dir, a folder that must
     not exist) are left absent."""
@@ -86,19 +95,11 @@ def make_input(d, name, finished_run):
         os.makedirs(path)
         shutil.copy(finished_run / "ckpt_000002.pt", os.path.join(path, "ckpt.pt"))
     elif name == "damaged_gpt2":  # a transformers folder whose safetensors header is cut short
-        os.makedirs(path)
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(dict(model_type="gpt2", n_layer=2, n_head=2, n_embd=32, n_positions=32), f)
-        with open(os.path.join(path, "model.safetensors"), "wb") as f:
-            f.write((64).to_bytes(8, "little") + b'{"wte.weight": ')
+        gpt2_folder(path, (64).to_bytes(8, "little") + b'{"wte.weight": ')
     elif name == "partial_gpt2":  # a well-formed safetensors file holding wte alone
-        os.makedirs(path)
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(dict(model_type="gpt2", n_layer=2, n_head=2, n_embd=32, n_positions=32), f)
         wte = np.zeros((50257, 32), np.float32)
         header = json.dumps({"wte.weight": dict(dtype="F32", shape=list(wte.shape), data_offsets=[0, wte.nbytes])}).encode()
-        with open(os.path.join(path, "model.safetensors"), "wb") as f:
-            f.write(len(header).to_bytes(8, "little") + header + wte.tobytes())
+        gpt2_folder(path, len(header).to_bytes(8, "little") + header + wte.tobytes())
     elif name == "small_vocab":  # a run's weights with a vocabulary of 512, below the shards' token ids
         args = dict(load_checkpoint(str(finished_run))["model_args"], vocab_size=512)
         os.makedirs(path)

@@ -102,8 +102,8 @@ if master:
     print(f"tokens per iteration: {tokens_per_iter:,} ({gradient_accumulation_steps} x {batch_size} x {block_size})")
 
 # -----------------------------------------------------------------------------
-# data: memory-mapped shards (read below, once the run's vocabulary is known); every batch is a pure function of (seed, iteration, micro-batch),
-# so a resumed run and a run over any number of processes see exactly the same tokens
+# data: memory-mapped shards (read below, once the run's vocabulary is known); every batch is a
+# pure function of (seed, iteration, micro-batch), so a resumed run and a run over any number of processes see exactly the same tokens
 
 
 def batch_at(split, starts):
@@ -187,12 +187,12 @@ if init_from == 'resume':
     missing = {'optimizer', 'iter_num', 'best_val_loss'} - checkpoint.keys()
     if missing:  # e.g. a ckpt_{iter}.pt snapshot copied over ckpt.pt: it holds the model alone
         die(f"{ckpt_path} cannot be resumed from: it has no {', '.join(sorted(missing))}")
-    for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'topk', 'n_nontopk'):
-        if checkpoint['model_args'].get(k) != model_args[k]:
-            die(f"--{k}={model_args[k]} differs from the checkpoint's {k}={checkpoint['model_args'].get(k)} in {ckpt_path}")
-    for k, was in (('annealing_schedule', checkpoint['config'].get('annealing_schedule', 'linear')),
-                   ('annealing_ratio', checkpoint['config'].get('annealing_ratio'))):
-        if was != config[k]:  # alpha would jump, and trained_alpha would misread the run
+    # the model's shape, and alpha's path: another would make alpha jump, and trained_alpha misread the run
+    saved = {k: checkpoint['model_args'].get(k) for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'topk', 'n_nontopk')}
+    saved.update(annealing_schedule=checkpoint['config'].get('annealing_schedule', 'linear'),
+                 annealing_ratio=checkpoint['config'].get('annealing_ratio'))
+    for k, was in saved.items():
+        if was != config[k]:
             die(f"--{k}={config[k]!r} differs from the checkpoint's {k}={was!r} in {ckpt_path}")
     # as the run began: a run from GPT-2's weights has its 50,257 tokens and tanh GELU
     model_args.update(vocab_size=checkpoint['model_args']['vocab_size'], gelu=checkpoint['model_args'].get('gelu', 'none'))
