@@ -16,15 +16,17 @@ entropy of its neurons that fire and its dead fraction (analysis.py has the defi
 table gives mean ± standard deviation over seeds of the perplexity and of the mean token entropy
 over the arm's TopK layers (the dense twin: over k16's TopK layers), and says for each of the
 paper's claims whether it holds here, is reversed, or lies inside the noise: a difference within
-2 standard errors, the errors from the per-seed (paired) differences. Two more tables say why an
-arm differs: per layer the token entropy and dead fraction, and the loss by how frequent the target
-token is in the train shards. Writes OUT_DIR/ablation.json, ablation.md (the tables, also printed)
+2 standard errors, the errors from the per-seed (paired) differences. Three more tables say why an
+arm differs: per layer the token entropy and dead fraction; the loss by how frequent the target
+token is in the train shards; and the training loss as it went (a gap that opens early and closes
+is a matter of speed, one that stays is not). Writes OUT_DIR/ablation.json, ablation.md (the tables, also printed)
 and ablation.png (perplexity against mean token entropy).
 """
 import concurrent.futures
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -154,11 +156,21 @@ def evaluate(run):
     return result
 
 
+def logged_losses(run):
+    """{iteration: loss} of the batches train.py logged in run/train.log ({} without one). One batch
+    each, so noisy, but within a seed every arm logs the same batches: differences are paired."""
+    path = os.path.join(run, 'train.log')
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return {int(m[1]): float(m[2]) for m in re.finditer(r'^iter (\d+): loss ([\d.]+)', f.read(), re.M)}
+
+
 def one_run(arm, seed):
     run = os.path.join(out_dir, f'{arm}-s{seed}')
     if not trained(arm, seed, run):
         train(arm, seed, run)
-    result = evaluate(run)
+    result = {**evaluate(run), 'train_loss': logged_losses(run)}
     print(f"{arm} seed {seed}: val ppl {result['ppl']:.2f}", flush=True)
     return result
 
@@ -182,6 +194,7 @@ def summarise(results, names, seed_list):
                   'entropy_shared': [entropy_of(results[arm, s], shared) for s in seed_list],
                   'layers': [results[arm, s]['layers'] for s in seed_list],
                   'ce_by_rank': [results[arm, s]['ce_by_rank'] for s in seed_list],
+                  'train_loss': [results[arm, s]['train_loss'] for s in seed_list],
                   'topk_layers': results[arm, seed_list[0]]['topk_layers']}
             for arm in names}
 
@@ -227,6 +240,14 @@ def table(summary, seed_list):
     for arm, s in summary.items():
         lines.append(f"| {arm} | " + " | ".join(f"{np.mean([r[b][0] for r in s['ce_by_rank']]):.3f}" for b in shares)
                      + f" | {np.mean(np.log(s['ppl'])):.3f} |")
+    fifths = [(max_iters * i // 5 + 1, max_iters * (i + 1) // 5) for i in range(5)]
+    lines += ["", "The training loss as it went: the mean of the batch losses train.py logged in each fifth of "
+              "the run, mean over seeds (within a seed every arm logs the same batches)", "",
+              "| arm | " + " | ".join(f"iterations {lo}-{hi}" for lo, hi in fifths) + " |", "| --- |" + " --- |" * 5]
+    for arm, s in summary.items():
+        cells = [np.mean([np.mean([v for it, v in log.items() if lo <= it <= hi] or [math.nan]) for log in s['train_loss']])
+                 for lo, hi in fifths]
+        lines.append(f"| {arm} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 

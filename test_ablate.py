@@ -41,13 +41,21 @@ def test_the_table_gives_each_arm_and_the_claim_between_them(ablation):
     out, first, *_ = ablation
     table = (out / "ablation.md").read_text()
     assert table in first
-    arms, _, claims, _, per_layer, _, losses = table.strip().split("\n\n")
+    arms, _, claims, _, per_layer, _, losses, _, curve = table.strip().split("\n\n")
     assert [line.split(" | ")[0] for line in arms.splitlines()[2:]] == ["| k16", "| step"]
-    for part in (per_layer, losses):  # why an arm differs: per layer, and by the target token's frequency
+    for part in (per_layer, losses, curve):  # why an arm differs: per layer, by the target's frequency, in time
         assert [line.split(" | ")[0] for line in part.splitlines()[2:]] == ["| k16", "| step"]
     claim = [line for line in claims.splitlines() if line.startswith("| annealing from dense")]
     assert len(claim) == 1 and claim[0].rstrip(" |").endswith(("holds", "reversed", "inside the noise"))
     assert (out / "ablation.png").stat().st_size > 0 and (out / "ablation.json").stat().st_size > 0
+
+
+def test_the_training_loss_is_read_from_the_log_train_py_wrote(ablation):
+    out, *_ = ablation
+    log = (out / "k16-s1" / "train.log").read_text()
+    losses = ablate.logged_losses(str(out / "k16-s1"))
+    assert sorted(losses) == [1, 2] and f"iter 2: loss {losses[2]:.6f}," in log
+    assert ablate.logged_losses(str(out)) == {}  # no train.log: nothing logged, not an error
 
 
 def test_a_second_call_trains_nothing_again(ablation):
