@@ -19,8 +19,8 @@ paper's claims whether it holds here, is reversed, or lies inside the noise: a d
 2 standard errors, the errors from the per-seed (paired) differences. Three more tables say why an
 arm differs: per layer the token entropy and dead fraction; the loss by how frequent the target
 token is in the train shards; and the training loss as it went (a gap that opens early and closes
-is a matter of speed, one that stays is not). Writes OUT_DIR/ablation.json, ablation.md (the tables, also printed)
-and ablation.png (perplexity against mean token entropy).
+is a matter of speed, one that stays is not). Writes OUT_DIR/ablation.json, ablation.md (the
+tables, also printed) and ablation.png (perplexity against mean token entropy).
 """
 import concurrent.futures
 import json
@@ -244,9 +244,9 @@ def table(summary, seed_list):
     lines += ["", "The training loss as it went: the mean of the batch losses train.py logged in each fifth of "
               "the run, mean over seeds (within a seed every arm logs the same batches)", "",
               "| arm | " + " | ".join(f"iterations {lo}-{hi}" for lo, hi in fifths) + " |", "| --- |" + " --- |" * 5]
+    within = lambda log, lo, hi: np.mean([v for it, v in log.items() if lo <= it <= hi] or [math.nan])
     for arm, s in summary.items():
-        cells = [np.mean([np.mean([v for it, v in log.items() if lo <= it <= hi] or [math.nan]) for log in s['train_loss']])
-                 for lo, hi in fifths]
+        cells = [np.mean([within(log, lo, hi) for log in s['train_loss']]) for lo, hi in fifths]
         lines.append(f"| {arm} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -103,7 +103,8 @@ if master:
 
 # -----------------------------------------------------------------------------
 # data: memory-mapped shards (read below, once the run's vocabulary is known); every batch is a
-# pure function of (seed, iteration, micro-batch), so a resumed run and a run over any number of processes see exactly the same tokens
+# pure function of (seed, iteration, micro-batch), so a resumed run and a run over any number of
+# processes see exactly the same tokens
 
 
 def batch_at(split, starts):
