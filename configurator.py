@@ -48,7 +48,7 @@ def _check_type(key, value, default):
     return value
 
 
-def _help_text(defaults, script):
+def _help_text(defaults, script, module=None):
     """One line per key: its default and the comment written beside it in the script."""
     comments = {}
     try:
@@ -59,8 +59,9 @@ def _help_text(defaults, script):
                     comments[m.group(1)] = m.group(2).strip()
     except OSError:
         pass
-    name = os.path.basename(script)
-    lines = [f"usage: python {name} [config/FILE.py] [--key=value ...]", "", "keys (default):"]
+    # a toolkit script runs as a module (python -m toolkit.explore), a top-level one by its file
+    command = f"-m {module}" if module and "." in module else os.path.basename(script)
+    lines = [f"usage: python {command} [config/FILE.py] [--key=value ...]", "", "keys (default):"]
     for k, v in defaults.items():
         lines.append(f"  --{k}={v!r}".ljust(40) + (f" {comments[k]}" if k in comments else ""))
     return "\n".join(lines)
@@ -86,7 +87,8 @@ def configure(namespace, argv=None):
     config = dict(defaults)
     for arg in argv:
         if arg in ("-h", "--help"):
-            print(_help_text(defaults, script))
+            spec = namespace.get("__spec__")
+            print(_help_text(defaults, script, spec.name if spec is not None else None))
             raise SystemExit(0)
         if not arg.startswith("--"):  # a config file
             if not os.path.isfile(arg):

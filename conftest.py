@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import warnings
 
 import numpy as np
 import pytest
@@ -40,11 +41,13 @@ os.environ["TIKTOKEN_CACHE_DIR"] = os.path.abspath(
     os.environ.get("TIKTOKEN_CACHE_DIR") or os.path.join(FILES, "tiktoken_cache"))
 # one thread per process: the models here are too small to gain from more, and on a busy 2-core
 # machine threads waiting for each other make them several times slower
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# and the repository on the path, for the toolkit's scripts, run as modules (python -m toolkit.explore)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": HERE}
 FINEWEB_SAMPLE = os.path.join(FILES, "data", "fineweb-edu-sample-150.parquet")  # 150 real documents
 
-from common import EOT, encode, save_checkpoint, write_shard  # noqa: E402 (after the tokenizer's folder is set)
 from model import GPT, GPTConfig  # noqa: E402
+from toolkit.common import save_checkpoint
+from toolkit.data import EOT, encode, write_shard
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]  # a test on both, the CUDA case where a GPU is
@@ -71,9 +74,10 @@ def tiny_model():
 @pytest.fixture(scope="session")
 def run():
     """run(script, *args, cwd=HERE, launcher=(python,)): a script of this repository as a
-    subprocess, one thread, output captured."""
+    subprocess, one thread, output captured; script is a top-level file (train.py) or a toolkit
+    module (toolkit.explore), run as a user runs it."""
     def run_script(script, *args, cwd=HERE, launcher=(sys.executable,), env=None, timeout=300):
-        return subprocess.run([*launcher, os.path.join(HERE, script), *args], cwd=cwd, env=env or ENV,
+        return subprocess.run([*launcher, *command_of(script), *args], cwd=cwd, env=env or ENV,
                               capture_output=True, text=True, timeout=timeout)
     return run_script
 
@@ -89,13 +93,24 @@ def import_or_skip(packages, requirements):
             pytest.importorskip(package, reason=f"an optional package: pip install -r {requirements}")
 
 
+def command_of(script):
+    """How a user starts a script: python train.py for a top-level file, python -m toolkit.explore
+    for a toolkit module."""
+    return [os.path.join(HERE, script)] if script.endswith(".py") else ["-m", script]
+
+
 def main_of(script, *args):
     """The script's __main__ run in this process, without an interpreter start: what it printed to
-    stdout (stderr is left to pytest). A die() inside raises SystemExit; sys.exit(0) returns."""
+    stdout (stderr is left to pytest). A die() inside raises SystemExit; sys.exit(0) returns.
+    script: a top-level file (train.py) or a toolkit module (toolkit.explore)."""
     argv, sys.argv = sys.argv, [script, *args]
     try:
-        with contextlib.redirect_stdout(io.StringIO()) as out:
-            runpy.run_path(os.path.join(HERE, script), run_name="__main__")
+        with contextlib.redirect_stdout(io.StringIO()) as out, warnings.catch_warnings():
+            if script.endswith(".py"):
+                runpy.run_path(os.path.join(HERE, script), run_name="__main__")
+            else:  # a module the tests imported already runs anew as __main__, as intended
+                warnings.filterwarnings("ignore", message=".*found in sys.modules", category=RuntimeWarning)
+                runpy.run_module(script, run_name="__main__", alter_sys=True)
     except SystemExit as e:
         if e.code not in (None, 0):  # a clean exit (--help) is a normal end
             raise
@@ -235,6 +250,7 @@ def train_runs(data, train, tmp_path_factory):
         "uninterrupted": lambda out: train(data, out),
         "stopped at 2, resumed": lambda out: train(data, out, "--stop_iter=2") + train(data, out, "--init_from=resume"),
         "two processes": lambda out: train(data, out, launcher=torchrun),
+        "model.py alone": lambda out: train(data, out, "--cpu_fast=False"),
     }
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
         outs = {name: tmp_path_factory.mktemp("run") for name in jobs}
@@ -284,7 +300,7 @@ def fingerprint(folder):
 
 # -----------------------------------------------------------------------------
 # Two jobs run in processes of their own and need nothing the other tests make: .ci/gpu's CPU dry
-# run (about 40 s of one core) and ablate.py over four tiny runs (about 20 s). They run one after
+# run and ablate.py over four tiny runs, each tens of seconds of one core. They run one after
 # the other from the moment the tests are collected, and the tests that read them move to the end,
 # so that they use the core that most tests, single-threaded, leave idle.
 
@@ -303,7 +319,7 @@ def ablation_command(folder):
     with open(os.path.join(folder, "tiny.py"), "w") as f:
         f.write("".join(f"{f[2:].split('=')[0]} = {literal(f.split('=', 1)[1])}\n" for f in flags)
                 + f"n_layer = 3\ndata_dir = {write_data(os.path.join(folder, 'data'))!r}\n")
-    return [sys.executable, os.path.join(HERE, "ablate.py"), *ablation_flags(folder)]
+    return [sys.executable, "-m", "toolkit.ablate", *ablation_flags(folder)]
 
 
 BACKGROUND_JOBS = {  # the fixture that waits for it: the command, given its folder

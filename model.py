@@ -14,11 +14,6 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-import fused_loss
-import sparse_mlp
-from common import load_checkpoint
-from configurator import die
-
 
 @dataclass
 class GPTConfig:
@@ -142,9 +137,6 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        if isinstance(self.act, TopK) and sparse_mlp.applies(self, x):
-            # alpha = 0 on CPU: the same numbers without the d_ff-wide matmuls (sparse_mlp.py)
-            return self.dropout(sparse_mlp.topk_mlp(x, self.c_fc, self.c_proj, self.act.k, self.act.gelu))
         return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
@@ -247,9 +239,6 @@ class GPT(nn.Module):
         x = self.trunk(idx, cache)
         if targets is None:  # inference: only the last position's logits are needed
             return self.lm_head(x[:, [-1], :]), None
-        if not return_logits and fused_loss.applies(x):
-            # training on CPU: the same loss without a (tokens, vocabulary) tensor (fused_loss.py)
-            return None, fused_loss.cross_entropy(x, self.lm_head.weight, targets)
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return (logits if return_logits else None), loss
@@ -268,7 +257,6 @@ class GPT(nn.Module):
         return 6 * self.get_num_params() + 12 * cfg.n_layer * cfg.block_size * cfg.n_embd
 
     @torch.no_grad()
-    @sparse_mlp.decoding()  # the weights hold still while it decodes: the sparse path keeps their transposes
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
         """Sample max_new_tokens continuations of idx (B, T). With use_cache, keys and values
         are kept so each step runs one token; past block_size it falls back to re-running
@@ -299,15 +287,3 @@ class GPT(nn.Module):
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
 
-
-def load_model(path, device="cpu"):
-    """A trained model ready for inference: eval mode, alpha = 0 (fully sparse).
-    path is an out_dir (its ckpt.pt) or a checkpoint file. Returns (model, checkpoint)."""
-    checkpoint = load_checkpoint(path, "cpu")  # on the CPU first: the optimizer state is never sent to a GPU
-    try:
-        model = GPT(GPTConfig(**checkpoint["model_args"]))
-        model.load_state_dict(checkpoint["model"])
-    except (TypeError, ValueError, RuntimeError) as e:
-        die(f"checkpoint {path} does not fit the model: {str(e).splitlines()[0][:160]}")
-    model.set_alpha(0.0)
-    return model.to(device).eval(), checkpoint

@@ -21,11 +21,12 @@ import os
 import time
 
 import numpy as np
+import pyarrow.parquet as pq  # installed with datasets
+from datasets import load_dataset
 from tqdm import tqdm  # installed with datasets
 
-import common
-import toy_corpus
 from configurator import configure, die
+from toolkit import data, toy_corpus
 
 # -----------------------------------------------------------------------------
 dataset = "fineweb-edu"  # fineweb-edu (streamed from the Hugging Face hub) or toy (toy_corpus.py, offline)
@@ -41,23 +42,14 @@ _BATCH_DOCS = 256  # documents per task of the tokenizer processes
 _PROGRESS = "prepare_progress.json"
 
 
-def tokenize_documents(docs):
-    """The GPT-2 tokens of docs (a list of str) as one uint16 array, <|endoftext|> before each.
-    encode_to_numpy is encode_ordinary (no special tokens allowed, none rejected) returning an
-    array, so no Python int is made per token."""
-    encoding, eot = common.get_encoding(), np.array([common.EOT], dtype=np.uint32)
-    parts = [a for doc in docs for a in (eot, encoding.encode_to_numpy(doc, disallowed_special=()))]
-    return np.concatenate(parts or [eot[:0]]).astype(np.uint16)
-
-
 def tokenized(docs, pool, in_flight):
     """(number of documents, their tokens) for consecutive batches of docs, in order. The batches
     go to a process per core: threads would share one GIL, which tiktoken holds for part of its
-    work (measured: 2 processes tokenize 1.6x faster than its threaded batch encoder on 2 cores).
+    work, so processes tokenize faster than its threaded batch encoder.
     At most in_flight batches are read ahead, as the stream may hold billions of tokens."""
     pending = collections.deque()
     for batch in iter(lambda: list(itertools.islice(docs, _BATCH_DOCS)), []):
-        pending.append((len(batch), pool.apply_async(tokenize_documents, (batch,))))
+        pending.append((len(batch), pool.apply_async(data.tokenize_documents, (batch,))))
         if len(pending) == in_flight:
             n, result = pending.popleft()
             yield n, result.get()
@@ -70,7 +62,6 @@ def tokenized(docs, pool, in_flight):
 
 
 def fineweb_documents():
-    from datasets import load_dataset  # a slow import, so only when streaming
     try:
         ds = load_dataset("HuggingFaceFW/fineweb-edu", name=name, split="train", streaming=True)
     except (OSError, ValueError) as e:  # no connection, or no such sample
@@ -82,7 +73,6 @@ def fineweb_documents():
 def check_input(path):
     """Fail before anything is written if a file cannot give documents."""
     if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
         try:
             columns = pq.read_schema(path).names
         except Exception as e:  # pyarrow raises several types for a file that is not parquet
@@ -111,7 +101,6 @@ def jsonl_text(line, path, lineno):
 def local_documents(paths):
     for path in paths:
         if path.endswith(".parquet"):
-            import pyarrow.parquet as pq
             for batch in pq.ParquetFile(path).iter_batches(batch_size=_BATCH_DOCS, columns=["text"]):
                 yield from batch.column(0).to_pylist()
         elif path.endswith(".jsonl"):
@@ -194,15 +183,15 @@ def main():
 
     def finish_shard(tokens, doc, offset, done):  # the progress is saved once the shard is on disk
         if len(tokens):
-            common.write_shard(shard_path(directory, corpus, progress["shards"]), tokens)
+            data.write_shard(shard_path(directory, corpus, progress["shards"]), tokens)
         progress.update(shards=progress["shards"] + (len(tokens) > 0), doc=doc, offset=offset, done=done)
-        common.atomic_write(os.path.join(directory, _PROGRESS), lambda f: f.write(json.dumps(progress).encode()))
+        data.atomic_write(os.path.join(directory, _PROGRESS), lambda f: f.write(json.dumps(progress).encode()))
 
     docs = itertools.islice(documents(), progress["doc"], None)
     doc, skip = progress["doc"], progress["offset"]  # the stream position of the next batch
     start = shard_end(progress["shards"] - 1) if progress["shards"] else 0  # tokens in complete shards
     buf, fill = np.empty(shard_end(progress["shards"]) - start, np.uint16), 0
-    common.get_encoding()  # load the BPE tables before the clock starts
+    data.get_encoding()  # load the BPE tables before the clock starts
     first, t0 = start, time.time()
     workers = os.cpu_count()
     with tqdm(total=max_tokens or None, initial=start, unit="tok", unit_scale=True, desc=directory) as bar, \

@@ -5,9 +5,10 @@ Sample from a trained TopK LM (alpha = 0: exactly k neurons per token, as after 
 """
 import torch
 
-from common import autocast, decode, encode_prompt, resolve_device, resolve_dtype
 from configurator import configure, die
-from model import load_model
+from toolkit.common import autocast, load_model, resolve_device, resolve_dtype
+from toolkit.cpu_fast import enable as cpu_fast_paths
+from toolkit.data import decode, encode_prompt
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the run to sample from (its ckpt.pt), or a checkpoint file
@@ -18,6 +19,7 @@ temperature = 0.8  # < 1 sharper, > 1 more random; 0 = greedy
 top_k = 200  # sample among the top_k most likely tokens; 0 = all
 seed = 1337
 device = 'auto'  # 'auto', 'cpu', 'cuda', ...
+cpu_fast = True  # on a CPU, toolkit/cpu_fast.py's sparse TopK MLP (model.py's numbers, faster); False: model.py's code
 dtype = 'auto'  # 'auto' (bfloat16 on GPUs that compute in it natively, float16 on older ones, float32 on CPU), 'float32', 'bfloat16', 'float16'
 # -----------------------------------------------------------------------------
 configure(globals())
@@ -29,6 +31,8 @@ if temperature < 0:
 prompt = encode_prompt(start)  # before loading the model, so a bad prompt fails at once
 device = resolve_device(device)
 model, _ = load_model(out_dir, device)
+if cpu_fast and device == 'cpu':
+    cpu_fast_paths(model)
 x = torch.tensor([prompt], dtype=torch.long, device=device)
 torch.manual_seed(seed)
 with autocast(device, resolve_dtype(dtype, device)):

@@ -9,12 +9,13 @@ import pytest
 import torch
 import torch._dynamo
 from torch._dynamo.testing import CompileCounter
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn import functional as F
 
-import toy_corpus
-from common import EOT, encode
 from conftest import DEVICES, TINY, needs_cuda, saved_sizes
 from model import GPT, GPTConfig, TopK, annealed_alpha, trained_alpha
+from toolkit import toy_corpus
+from toolkit.data import EOT, encode
 
 SMALL_VOCAB = dict(vocab_size=128)  # conftest's tiny model with a small vocabulary
 
@@ -314,7 +315,6 @@ def test_evaluation_between_training_steps_compiles_its_graph_once(tiny_model):
 
 @needs_cuda
 def test_training_attention_runs_on_the_flash_kernel():
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     model = GPT(GPTConfig(n_layer=1, n_head=16, n_embd=1024, block_size=1024, vocab_size=512, topk=64,
                           n_nontopk=0, dropout=0.1)).cuda().train()
     x = torch.randint(0, 512, (2, 1024), device="cuda")

@@ -15,11 +15,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (autocast, keep_freed_memory, load_checkpoint, peak_flops, read_shard,
-                    resolve_device, resolve_dtype, save_checkpoint, shard_paths, VOCAB_SIZE)
 from configurator import configure, die
 from model import GPT, GPTConfig, SCHEDULES, annealed_alpha
-from pretrained import SHAPE, load_weights
+from toolkit.common import autocast, keep_freed_memory, peak_flops, resolve_device, resolve_dtype, save_checkpoint
+from toolkit.cpu_fast import enable as cpu_fast_paths
+from toolkit.data import VOCAB_SIZE, read_shard, shard_paths
+from toolkit.pretrained import start_from
 
 # -----------------------------------------------------------------------------
 # default config values: a FineWeb-Edu TopK LM of GPT-2 small size
@@ -64,6 +65,7 @@ backend = 'auto'  # DDP backend: 'auto' = nccl on CUDA, gloo on CPU
 device = 'auto'  # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'  # 'auto' (bfloat16 on GPUs that compute in it natively, float16 + loss scaling on older ones, float32 on CPU), 'float32', 'bfloat16', 'float16'
 compile = True  # torch.compile the model (used on CUDA only: on CPU compile time outweighs gains)
+cpu_fast = True  # on a CPU, toolkit/cpu_fast.py's sparse TopK MLP and chunked loss (model.py's numbers, faster); False: model.py's code
 # -----------------------------------------------------------------------------
 config = configure(globals())
 
@@ -80,9 +82,9 @@ if ddp:
 else:
     rank, local_rank, world_size = 0, 0, 1
 master = rank == 0
-if master and int(os.environ.get('TORCHELASTIC_MAX_RESTARTS', 0)) > 0 and os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True':
-    # torchrun shares its key-value store with the job since torch 2.5, and a restarted job can read
-    # the addresses its dead processes left there and fail to connect (pytorch/pytorch#135712)
+restartable = int(os.environ.get('TORCHELASTIC_MAX_RESTARTS', 0)) > 0
+if master and restartable and os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True':
+    # a restarted job can read stale addresses from the store torchrun shares with it, and fail to connect
     print("warning: torchrun --max_restarts restarts reliably only with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
           "set for torchrun (README, Reliability)", flush=True)
 if gradient_accumulation_steps % world_size:
@@ -96,7 +98,7 @@ if device_type == 'cuda':
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 else:
-    keep_freed_memory()  # twice the speed of a small model on CPU (common.py)
+    keep_freed_memory()  # large freed buffers are reused, not mapped and zeroed anew every step (toolkit/common.py)
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 if master:
     print(f"tokens per iteration: {tokens_per_iter:,} ({gradient_accumulation_steps} x {batch_size} x {block_size})")
@@ -154,56 +156,23 @@ def estimate_loss():
 
 
 # -----------------------------------------------------------------------------
-# model and optimizer, from scratch or from out_dir/ckpt.pt
+# model and optimizer: from scratch, from out_dir/ckpt.pt, or from trained weights (toolkit/pretrained.py)
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                   vocab_size=VOCAB_SIZE, dropout=dropout, topk=topk, n_nontopk=n_nontopk)
-iter_num, best_val_loss, checkpoint, weights = 0, 1e9, None, None
 if annealing_schedule not in SCHEDULES:
     die(f"--annealing_schedule must be one of {', '.join(SCHEDULES)}, got {annealing_schedule!r}")
+init_from, checkpoint, weights, model_args = start_from(init_from, out_dir, overwrite, model_args, config)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-if init_from == 'auto':  # what torchrun --max_restarts needs: a restarted job picks up where it was
-    init_from = 'resume' if os.path.exists(ckpt_path) else 'scratch'
-if init_from != 'resume' and os.path.exists(ckpt_path) and not overwrite:
-    die(f"{out_dir} already holds a run (ckpt.pt); continue it with --init_from=resume, "
-        f"train into another --out_dir, or replace it with --overwrite=True")
-if init_from not in ('scratch', 'resume'):  # trained weights: a new run from them, fresh optimizer and schedule
-    source = os.path.realpath(init_from if os.path.isfile(init_from) else os.path.join(init_from, 'ckpt.pt'))
-    if overwrite and os.path.dirname(source) == os.path.realpath(out_dir) and os.path.basename(source).startswith('ckpt'):
-        die(f"--init_from={init_from} is a checkpoint of --out_dir={out_dir}, whose ckpt*.pt files --overwrite=True "
-            "removes: copy it elsewhere first")
-    shape, weights = load_weights(init_from)
-    for k in SHAPE:
-        if model_args[k] != shape[k]:
-            die(f"--{k}={model_args[k]} differs from {k}={shape[k]} of the weights in {init_from} "
-                f"(their shape: {' '.join(f'--{s}={shape[s]}' for s in SHAPE)})")
-    if block_size > shape['block_size']:
-        die(f"--block_size={block_size} exceeds the {shape['block_size']} positions of the weights in {init_from}")
-    if 'transformer.wpe.weight' in weights:  # a shorter context: the first positions (one missing: load_state_dict says so)
-        weights['transformer.wpe.weight'] = weights['transformer.wpe.weight'][:block_size]
-    model_args.update(vocab_size=shape['vocab_size'], gelu=shape['gelu'])
-if init_from == 'resume':
-    if not os.path.exists(ckpt_path):
-        die(f"--init_from=resume but there is no checkpoint at {ckpt_path}")
-    checkpoint = load_checkpoint(ckpt_path, 'cpu')
-    missing = {'optimizer', 'iter_num', 'best_val_loss'} - checkpoint.keys()
-    if missing:  # e.g. a ckpt_{iter}.pt snapshot copied over ckpt.pt: it holds the model alone
-        die(f"{ckpt_path} cannot be resumed from: it has no {', '.join(sorted(missing))}")
-    # the model's shape, and alpha's path: another would make alpha jump, and trained_alpha misread the run
-    saved = {k: checkpoint['model_args'].get(k) for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'topk', 'n_nontopk')}
-    saved.update(annealing_schedule=checkpoint['config'].get('annealing_schedule', 'linear'),
-                 annealing_ratio=checkpoint['config'].get('annealing_ratio'))
-    for k, was in saved.items():
-        if was != config[k]:
-            die(f"--{k}={config[k]!r} differs from the checkpoint's {k}={was!r} in {ckpt_path}")
-    # as the run began: a run from GPT-2's weights has its 50,257 tokens and tanh GELU
-    model_args.update(vocab_size=checkpoint['model_args']['vocab_size'], gelu=checkpoint['model_args'].get('gelu', 'none'))
+iter_num, best_val_loss = 0, 1e9
+if checkpoint is not None:
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
 # the shards (batch_at's) are checked against the vocabulary the run has: other weights may have fewer tokens
 splits = {s: [read_shard(p, model_args['vocab_size']) for p in shard_paths(data_dir, s)] for s in ('train', 'val')}
 for s, shards in splits.items():
     longest = max(len(t) for t in shards)
     if longest <= block_size:
-        die(f"--block_size={block_size} needs shards longer than it, but the longest {s} shard in {data_dir} has {longest} tokens")
+        die(f"--block_size={block_size} needs shards longer than it, "
+            f"but the longest {s} shard in {data_dir} has {longest} tokens")
 try:
     model = GPT(GPTConfig(**model_args))
 except ValueError as e:
@@ -216,6 +185,8 @@ if checkpoint is not None or weights is not None:
             f"{' '.join(str(e).split())[:200]}")
     weights = None  # free memory: the model holds its own copy
 model.to(device)
+if cpu_fast and device_type == 'cpu':
+    cpu_fast_paths(model)
 scaler = torch.amp.GradScaler(enabled=(dtype == 'float16'))  # bf16 and fp32 need no loss scaling
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if checkpoint is not None:
@@ -254,7 +225,7 @@ end_iter = max_iters if stop_iter < 0 else min(stop_iter, max_iters)
 flops_per_iter = raw_model.flops_per_token() * tokens_per_iter  # over all processes: MFU divides by all their GPUs
 peak = peak_flops(device)
 start_iter, t0 = iter_num, time.time()
-if master:  # a run killed while saving leaves its temporary file (common.atomic_write) behind
+if master:  # a run killed while saving leaves its temporary file (toolkit/common.py's atomic_write) behind
     for stale in glob.glob(os.path.join(out_dir, '.tmp_ckpt*')):
         os.remove(stale)
     if init_from != 'resume' and overwrite:  # the replaced run's snapshots would mix into this one's series
@@ -271,12 +242,13 @@ while True:
         t_eval = time.time()
         losses = estimate_loss()
         if not math.isfinite(losses['val']):
-            die(f"validation loss is {losses['val']} at iteration {iter_num}; not saving over the last good checkpoint in {out_dir}")
+            die(f"validation loss is {losses['val']} at iteration {iter_num}; "
+                f"not saving over the last good checkpoint in {out_dir}")
         best_val_loss = min(best_val_loss, losses['val'])
         if master:
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
                   f"val ppl {math.exp(losses['val']):.2f}", flush=True)
-            save(os.path.join(out_dir, 'ckpt.pt'), full=True)
+            save(ckpt_path, full=True)
         t0 += time.time() - t_eval  # tokens/s counts training time only
     snapshot_due = master and ckpt_interval > 0 and iter_num % ckpt_interval == 0 and not resumed_here
     snapshot = os.path.join(out_dir, f'ckpt_{iter_num:06d}.pt')

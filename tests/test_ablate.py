@@ -1,0 +1,95 @@
+"""ablate.py: every arm x seed trained once with its flags, on the same tokens within a seed, and the
+table of means, standard deviations and verdicts, on tiny runs of 2 steps."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ablation_flags, fingerprint, main_of
+from toolkit import ablate
+from toolkit.ablate import verdict
+
+
+@pytest.fixture(scope="module")
+def ablation(ablation_run):
+    """ablate.py over two arms and two seeds of a tiny configuration, run in the background from the
+    start of the session (conftest.py), then again in this process: (out_dir, what each call
+    printed, the checkpoints' times after the first, the table)."""
+    folder, returncode, first = ablation_run
+    assert returncode == 0, first
+    out = folder / "out"
+    stamps = {p: os.stat(out / p / "ckpt.pt").st_mtime_ns for p in os.listdir(out) if (out / p).is_dir()}
+    table = (out / "ablation.md").read_text()
+    second = main_of("toolkit.ablate", *ablation_flags(folder))
+    return out, first, second, stamps, table
+
+
+def test_every_arm_and_seed_is_a_run_of_its_own_flags(ablation):
+    out, *_ = ablation
+    assert sorted(p for p in os.listdir(out) if (out / p).is_dir()) == ["k16-s1", "k16-s2", "step-s1", "step-s2"]
+    log = (out / "step-s1" / "train.log").read_text()
+    assert "iter 1: " in log and "alpha 0.000" in log.split("iter 1: ")[1].splitlines()[0]  # TopK from step 0
+    assert "alpha 1.000" in (out / "k16-s1" / "train.log").read_text().split("iter 1: ")[1].splitlines()[0]
+    # k16 is k 16, though the configuration file says topk = 8
+    assert torch.load(out / "k16-s1" / "ckpt.pt", weights_only=True)["model_args"]["topk"] == 16
+
+
+def test_the_table_gives_each_arm_and_the_claim_between_them(ablation):
+    out, first, *_ = ablation
+    table = (out / "ablation.md").read_text()
+    assert table in first
+    arms, _, claims, _, per_layer, _, losses, _, curve = table.strip().split("\n\n")
+    assert [line.split(" | ")[0] for line in arms.splitlines()[2:]] == ["| k16", "| step"]
+    for part in (per_layer, losses, curve):  # why an arm differs: per layer, by the target's frequency, in time
+        assert [line.split(" | ")[0] for line in part.splitlines()[2:]] == ["| k16", "| step"]
+    claim = [line for line in claims.splitlines() if line.startswith("| annealing from dense")]
+    assert len(claim) == 1 and claim[0].rstrip(" |").endswith(("holds", "reversed", "inside the noise"))
+    assert (out / "ablation.png").stat().st_size > 0 and (out / "ablation.json").stat().st_size > 0
+
+
+def test_the_training_loss_is_read_from_the_log_train_py_wrote(ablation):
+    out, *_ = ablation
+    log = (out / "k16-s1" / "train.log").read_text()
+    losses = ablate.logged_losses(str(out / "k16-s1"))
+    assert sorted(losses) == [1, 2] and f"iter 2: loss {losses[2]:.6f}," in log
+    assert ablate.logged_losses(str(out)) == {}  # no train.log: nothing logged, not an error
+
+
+def test_a_second_call_trains_nothing_again(ablation):
+    out, first, second, stamps, table = ablation
+    assert {p: os.stat(out / p / "ckpt.pt").st_mtime_ns for p in stamps} == stamps
+    assert (out / "ablation.md").read_text() == table and table in second  # the same numbers
+
+
+def test_a_run_made_with_other_flags_is_refused_not_replaced(ablation, tmp_path):
+    out, *_ = ablation
+    (tmp_path / "k16-s1").mkdir()
+    shutil.copy(out / "step-s1" / "ckpt.pt", tmp_path / "k16-s1")  # step annealing, where k16 wants linear
+    before = fingerprint(tmp_path)
+    flags = [f if not f.startswith("--out_dir=") else f"--out_dir={tmp_path}" for f in ablation_flags(out.parent)]
+    with pytest.raises(SystemExit, match=r"k16-s1 holds a run with annealing_schedule=step, not the linear of arm k16"):
+        main_of("toolkit.ablate", *flags, "--arms=k16", "--seeds=1")
+    assert fingerprint(tmp_path) == before
+
+
+def test_an_evaluation_with_other_settings_is_made_again(ablation, monkeypatch):
+    out, *_ = ablation
+    monkeypatch.setattr(ablate, "n_clusters", 3)
+    monkeypatch.setattr(ablate, "eval_tokens", 500)
+    monkeypatch.setattr(ablate, "entropy_tokens", 256)
+    assert ablate.evaluate(str(out / "k16-s1"))["settings"]["n_clusters"] == 3
+    assert json.loads((out / "k16-s1" / "evaluation.json").read_text())["settings"]["n_clusters"] == 3
+
+
+@pytest.mark.parametrize("a,b,sign,says", [
+    ([1.0, 1.1, 0.9], [2.0, 2.1, 1.9], -1, "holds"),  # a lower by 1 on every seed
+    ([1.0, 1.1, 0.9], [2.0, 2.1, 1.9], +1, "reversed"),
+    ([1.0, 2.0, 0.5], [1.2, 1.1, 1.0], -1, "inside the noise"),  # the sign changes from seed to seed
+    ([1.0, 1.1, 0.9], [2.0, 2.1, 1.9], 0, "lower"),  # no predicted direction
+])
+def test_a_verdict_needs_a_paired_difference_of_2_standard_errors(a, b, sign, says):
+    mean, se, verdict_text = verdict(a, b, sign)
+    assert verdict_text == says and mean == pytest.approx(np.mean(np.subtract(a, b)))
