@@ -22,7 +22,6 @@ import time
 
 import numpy as np
 import pyarrow.parquet as pq  # installed with datasets
-from datasets import load_dataset
 from tqdm import tqdm  # installed with datasets
 
 from configurator import configure, die
@@ -40,6 +39,9 @@ seed = 0  # seed of the toy corpus
 # ----------------------------------------------------------------------------- (a leading _: not a flag)
 _BATCH_DOCS = 256  # documents per task of the tokenizer processes
 _PROGRESS = "prepare_progress.json"
+configure(globals())
+if dataset == "fineweb-edu" and not input:  # only the hub's stream needs datasets, which takes seconds to import
+    from datasets import load_dataset
 
 
 def tokenized(docs, pool, in_flight):
@@ -160,7 +162,6 @@ def shard_path(directory, corpus, index):
 
 
 def main():
-    configure(globals())
     if shard_size < 1 or val_tokens < 0 or max_tokens < 0:
         die(f"--shard_size must be positive, --val_tokens and --max_tokens not negative "
             f"(got {shard_size}, {val_tokens}, {max_tokens})")
