@@ -250,7 +250,6 @@ def train_runs(data, train, tmp_path_factory):
         "uninterrupted": lambda out: train(data, out),
         "stopped at 2, resumed": lambda out: train(data, out, "--stop_iter=2") + train(data, out, "--init_from=resume"),
         "two processes": lambda out: train(data, out, launcher=torchrun),
-        "model.py alone": lambda out: train(data, out, "--cpu_fast=False"),
     }
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
         outs = {name: tmp_path_factory.mktemp("run") for name in jobs}

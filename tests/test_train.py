@@ -109,10 +109,16 @@ def test_sample_gives_the_same_text_with_the_cpu_fast_paths_off(reference, run_m
     assert run_main("sample.py", *flags) == model_py_alone and calls  # the fast path ran, to the same text
 
 
-def test_training_with_the_cpu_fast_paths_off_logs_the_same_losses(reference, train_runs):
-    logged = lambda run: [float(l.split("loss ")[1].split(",")[0]) for l in run.stdout.splitlines()
-                          if l.startswith("iter ")]
-    assert logged(train_runs["model.py alone"]) == pytest.approx(logged(reference), rel=1e-5)  # float rounding
+def test_training_with_the_cpu_fast_paths_off_runs_model_py_to_the_same_losses(data, run_main, monkeypatch, tmp_path):
+    calls, real = [], sparse_mlp.topk_mlp
+    monkeypatch.setattr(sparse_mlp, "topk_mlp", lambda *a: calls.append(1) or real(*a))
+    flags = (*TRAIN, f"--data_dir={data}", "--annealing_schedule=step", "--max_iters=2", "--lr_decay_iters=2")
+    logged = lambda printed: [float(l.split("loss ")[1].split(",")[0]) for l in printed.splitlines()
+                              if l.startswith("iter ")]
+    model_py_alone = logged(run_main("train.py", *flags, f"--out_dir={tmp_path / 'a'}", "--cpu_fast=False"))
+    assert calls == []
+    assert logged(run_main("train.py", *flags, f"--out_dir={tmp_path / 'b'}")) == pytest.approx(model_py_alone, rel=1e-5)
+    assert calls  # the fast path ran, to the same losses up to float rounding
 
 
 def test_help_lists_every_key_with_its_default(run_main):
