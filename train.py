@@ -210,7 +210,6 @@ def get_lr(it):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
-
 def save(path, full):
     """ckpt.pt holds what resuming needs; the ckpt_{iter}.pt series only the model."""
     ckpt = {'model': raw_model.state_dict(), 'model_args': model_args, 'iter_num': iter_num, 'config': config}

@@ -277,6 +277,17 @@ def test_bench_runs_end_to_end(bench):
     assert "training iteration" in stdout and "decoding" in stdout
 
 
+def test_bench_times_the_sparse_mlp_row_on_the_sparse_path_and_the_reference_row_off_it(bench, monkeypatch):
+    paths, real = [], sparse_mlp.topk_mlp
+    monkeypatch.setattr(sparse_mlp, "topk_mlp", lambda x, *a: paths.append(tuple(x.shape)) or real(x, *a))
+    reference = []
+    real_forward = MLP.forward  # what the reference row (and the dense one) runs
+    monkeypatch.setattr(MLP, "forward", lambda mlp, x: reference.append(tuple(x.shape)) or real_forward(mlp, x))
+    bench("--prepare_tokens=0")
+    mlp_row = (1, 64, 32)  # BENCH_TINY's --mlp_tokens=64 of width 32
+    assert mlp_row in paths and mlp_row in reference
+
+
 def test_bench_without_its_tokenization_input_skips_that_row_and_still_prints_the_summary(bench):
     stdout, result = bench("--prepare_input=missing.parquet")
     note = "note: --prepare_input missing.parquet not found"

@@ -18,7 +18,7 @@ from toolkit import fused_loss, sparse_mlp
 
 
 def mlp_forward(mlp, x):
-    if sparse_mlp.applies(mlp, x):
+    if isinstance(mlp.act, TopK) and sparse_mlp.applies(mlp, x):
         return mlp.dropout(sparse_mlp.topk_mlp(x, mlp.c_fc, mlp.c_proj, mlp.act.k, mlp.act.gelu))
     return MLP.forward(mlp, x)
 
