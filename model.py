@@ -83,25 +83,31 @@ def topk_layers(n_layer, topk, n_nontopk):
 SCHEDULES = ('linear', 'cosine', 'step')
 
 
-def annealed_alpha(it, annealing_ratio, max_iters, schedule='linear'):
-    """alpha at training iteration it: 1 (dense) at the start, 0 (exactly k) from
-    span = annealing_ratio * max_iters on. In between, with u = it / span:
+def annealed_alpha(it, span, schedule='linear'):
+    """alpha at training iteration it: 1 (dense) at the start, 0 (exactly k kept) from iteration
+    span on, which train.py fixes when a run starts (annealing_ratio * max_iters) and keeps when a
+    run is extended. In between, with u = it / span:
       linear (the paper's):  1 - u
       cosine:                (1 + cos(pi u)) / 2, slow at both ends (the paper leaves non-linear
                              schedules to future work, section 2.1)
       step:                  0 throughout: TopK from the first iteration, no annealing."""
-    span = annealing_ratio * max_iters
     if schedule == 'step' or span <= 0 or it >= span:
         return 0.0
     u = it / span
     return 1.0 - u if schedule == 'linear' else 0.5 * (1.0 + math.cos(math.pi * u))
 
 
+def annealing_span(ckpt):
+    """The iteration from which a checkpoint's run trains at alpha = 0: saved as 'anneal_span'
+    (checkpoints written before it was saved: annealing_ratio * max_iters of their config)."""
+    cfg = ckpt.get('config', {})
+    return ckpt.get('anneal_span', cfg.get('annealing_ratio', 0) * cfg.get('max_iters', 0))
+
+
 def trained_alpha(ckpt):
     """The alpha a checkpoint of train.py was trained with at its iteration (annealed_alpha)."""
-    cfg = ckpt.get('config', {})
-    return annealed_alpha(ckpt['iter_num'], cfg.get('annealing_ratio', 0), cfg.get('max_iters', 0),
-                          cfg.get('annealing_schedule', 'linear'))
+    schedule = ckpt.get('config', {}).get('annealing_schedule', 'linear')
+    return annealed_alpha(ckpt['iter_num'], annealing_span(ckpt), schedule)
 
 
 class CausalSelfAttention(nn.Module):

@@ -65,18 +65,24 @@ def test_intermediate_alpha_follows_the_formula():
 def test_every_annealing_schedule_follows_its_formula_and_ends_at_0(schedule, expected):
     # annealing over 0.2 of 100 iterations: u = it / 20
     for it in (0, 5, 10, 15, 19):
-        assert annealed_alpha(it, 0.2, 100, schedule) == pytest.approx(expected(it / 20), abs=1e-12), it
-    assert [annealed_alpha(it, 0.2, 100, schedule) for it in (20, 21, 99)] == [0.0, 0.0, 0.0]
+        assert annealed_alpha(it, 20, schedule) == pytest.approx(expected(it / 20), abs=1e-12), it
+    assert [annealed_alpha(it, 20, schedule) for it in (20, 21, 99)] == [0.0, 0.0, 0.0]
 
 
 def test_only_step_annealing_is_topk_at_iteration_0():
-    assert [annealed_alpha(0, 0.2, 100, s) for s in ("linear", "cosine", "step")] == [1.0, 1.0, 0.0]
+    assert [annealed_alpha(0, 20, s) for s in ("linear", "cosine", "step")] == [1.0, 1.0, 0.0]
 
 
 def test_a_checkpoints_alpha_is_read_with_its_own_schedule():  # what the analysis scripts read it as
     ckpt = dict(iter_num=0, config=dict(annealing_ratio=0.2, max_iters=100, annealing_schedule="step"))
     assert trained_alpha(ckpt) == 0.0
     assert trained_alpha(dict(ckpt, config=dict(ckpt["config"], annealing_schedule="linear"))) == 1.0
+
+
+def test_a_checkpoints_alpha_follows_the_span_its_run_started_with():  # an extended run keeps it
+    ckpt = dict(iter_num=4, anneal_span=2, config=dict(annealing_ratio=0.5, max_iters=12))
+    assert trained_alpha(ckpt) == 0.0
+    assert trained_alpha({k: v for k, v in ckpt.items() if k != "anneal_span"}) == pytest.approx(1 - 4 / 6)
 
 
 def test_the_tanh_gelu_is_gpt2s_own_approximation():

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure, die
-from model import GPT, GPTConfig, SCHEDULES, annealed_alpha
+from model import GPT, GPTConfig, SCHEDULES, annealed_alpha, annealing_span
 from toolkit.common import autocast, keep_freed_memory, peak_flops, resolve_device, resolve_dtype, save_checkpoint
 from toolkit.cpu_fast import enable as cpu_fast_paths
 from toolkit.data import VOCAB_SIZE, read_shard, shard_paths
@@ -68,6 +68,9 @@ compile = True  # torch.compile the model (used on CUDA only: on CPU compile tim
 cpu_fast = True  # on a CPU, toolkit/cpu_fast.py's sparse TopK MLP and chunked loss (model.py's numbers, faster); False: model.py's code
 # -----------------------------------------------------------------------------
 config = configure(globals())
+for flag, v in (('eval_interval', eval_interval), ('eval_iters', eval_iters), ('log_interval', log_interval)):
+    if v < 1:
+        die(f"--{flag} must be at least 1, got {v}")
 
 # -----------------------------------------------------------------------------
 # processes: torchrun sets RANK; every process runs this same script
@@ -164,8 +167,12 @@ if annealing_schedule not in SCHEDULES:
 init_from, checkpoint, weights, model_args = start_from(init_from, out_dir, overwrite, model_args, config)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 iter_num, best_val_loss = 0, 1e9
+# alpha's path is fixed when a run starts: 0 from iteration anneal_span on, which a resumed run keeps,
+# so extending a run (a larger --max_iters) never takes a sparse model back towards dense
+anneal_span = annealing_ratio * max_iters
 if checkpoint is not None:
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
+    anneal_span = annealing_span(checkpoint)
 # the shards (batch_at's) are checked against the vocabulary the run has: other weights may have fewer tokens
 splits = {s: [read_shard(p, model_args['vocab_size']) for p in shard_paths(data_dir, s)] for s in ('train', 'val')}
 for s, shards in splits.items():
@@ -212,7 +219,8 @@ def get_lr(it):
 
 def save(path, full):
     """ckpt.pt holds what resuming needs; the ckpt_{iter}.pt series only the model."""
-    ckpt = {'model': raw_model.state_dict(), 'model_args': model_args, 'iter_num': iter_num, 'config': config}
+    ckpt = {'model': raw_model.state_dict(), 'model_args': model_args, 'iter_num': iter_num, 'config': config,
+            'anneal_span': anneal_span}
     if full:
         ckpt.update(optimizer=optimizer.state_dict(), best_val_loss=best_val_loss)
     save_checkpoint(ckpt, path)
@@ -231,7 +239,7 @@ if master:  # a run killed while saving leaves its temporary file (toolkit/commo
         for stale in glob.glob(os.path.join(out_dir, 'ckpt*.pt')):
             os.remove(stale)
 while True:
-    lr, alpha = get_lr(iter_num), annealed_alpha(iter_num, annealing_ratio, max_iters, annealing_schedule)
+    lr, alpha = get_lr(iter_num), annealed_alpha(iter_num, anneal_span, annealing_schedule)
     for group in optimizer.param_groups:
         group['lr'] = lr
     raw_model.set_alpha(alpha)

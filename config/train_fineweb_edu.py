@@ -8,7 +8,7 @@ data_dir = 'data/fineweb-edu'
 eval_interval = 1000
 eval_iters = 200
 log_interval = 10
-ckpt_interval = 2000  # for tracing neuron formation: 19 snapshots of ~610 MB each (the model alone, fp32), ~11.6 GB
+ckpt_interval = 2000  # for tracing neuron formation: 20 snapshots (iterations 0, 2000, ..., 38000) of ~610 MB each (the model alone, fp32), ~12.2 GB
 
 # 16 x 1024 tokens x 32 micro-steps = 524,288 tokens per step; 38,000 steps ~ 20B tokens
 batch_size = 16

@@ -121,6 +121,16 @@ def test_training_with_the_cpu_fast_paths_off_runs_model_py_to_the_same_losses(d
     assert calls  # the fast path ran, to the same losses up to float rounding
 
 
+def test_bfloat16_on_the_cpu_trains_under_autocast(data, run_main, tmp_path):
+    flags = (*TRAIN, f"--data_dir={data}", "--max_iters=2", "--lr_decay_iters=2", "--eval_interval=2")
+    logged = lambda printed: [float(l.split("loss ")[1].split(",")[0]) for l in printed.splitlines()
+                              if l.startswith("iter ")]
+    fp32 = logged(run_main("train.py", *flags, f"--out_dir={tmp_path / 'fp32'}"))
+    bf16 = logged(run_main("train.py", *flags, f"--out_dir={tmp_path / 'bf16'}", "--dtype=bfloat16"))
+    assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=0.05)  # bf16's rounding, not another run
+    assert load_checkpoint(str(tmp_path / "bf16"))["config"]["dtype"] == "bfloat16"
+
+
 def test_help_lists_every_key_with_its_default(run_main):
     printed = run_main("train.py", "--help")  # and exits with status 0
     for key in ("--topk=64", "--n_nontopk=2", "--annealing_ratio=0.2", "--init_from='scratch'"):
@@ -177,6 +187,15 @@ def test_n_iterations_then_resuming_for_n_more_is_the_2n_iteration_run_bit_for_b
         a, b = (torch.load(run.out / name, weights_only=True)["model"] for run in (split, whole))
         assert all(torch.equal(a[k], b[k]) for k in a), name
     assert_same_training_state(split.out / "ckpt.pt", whole.out / "ckpt.pt")
+
+
+def test_extending_a_run_keeps_alpha_where_its_annealing_ended(reference, data, run_main, tmp_path):
+    shutil.copy(reference.out / "ckpt.pt", tmp_path)  # 4 iterations, alpha 0 from iteration 2 on
+    printed = run_main("train.py", *TRAIN, f"--data_dir={data}", f"--out_dir={tmp_path}", "--init_from=resume",
+                       "--max_iters=12", "--lr_decay_iters=12", "--stop_iter=6", "--eval_interval=100")
+    alphas = [l.split("alpha ")[1].split(",")[0] for l in printed.splitlines() if l.startswith("iter ")]
+    assert alphas == ["0.000", "0.000"]  # iterations 4 and 5; a span of 0.5 x 12 would give 0.333 and 0.167
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["anneal_span"] == 2
 
 
 # -----------------------------------------------------------------------------

@@ -109,14 +109,18 @@ def resolve_dtype(dtype, device):
             dtype = "bfloat16" if native_bf16(torch.cuda.get_device_capability(device)) else "float16"
     if dtype not in ("float32", "bfloat16", "float16"):
         die(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    if dtype == "float16" and not device.startswith("cuda"):  # the GradScaler of float16 is CUDA's
+        die(f"--dtype=float16 needs a CUDA GPU; on {device} use bfloat16 or float32")
+    if dtype == "bfloat16" and not device.startswith(("cuda", "cpu")):
+        die(f"--dtype=bfloat16 runs on CUDA or the CPU, not on {device}; use float32")
     return dtype
 
 
 def autocast(device, dtype):
-    """Mixed precision on CUDA (bf16 / fp16 autocast); plain fp32 on CPU."""
-    if dtype == "float32" or not device.startswith("cuda"):
+    """Mixed precision (bf16 or fp16 autocast, on CUDA; bf16 on the CPU too); none for fp32."""
+    if dtype == "float32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type="cuda", dtype=getattr(torch, dtype))
+    return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
 
 
 # Dense (no sparsity) bf16 tensor-core peak FLOP/s (fp16 for the V100, which has no bf16), for
