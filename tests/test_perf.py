@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import FINEWEB_SAMPLE, saved_sizes
+from conftest import FINEWEB_SAMPLE, main_of, saved_sizes
 from model import GPTConfig, MLP
 from toolkit import cpu_fast, fused_loss, memory, sparse_mlp
 
@@ -260,8 +260,22 @@ def bench(run_main, monkeypatch, tmp_path):
     return run_bench
 
 
-def test_bench_runs_end_to_end(bench):
-    stdout, result = bench(f"--prepare_input={FINEWEB_SAMPLE}")
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    """One whole bench.py run, shared: (what it printed, its JSON line, the input shapes of the MLPs
+    the sparse path ran, those of the MLPs model.py's MLP.forward ran)."""
+    sparse, reference = [], []
+    real_sparse, real_forward = sparse_mlp.topk_mlp, MLP.forward
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path_factory.mktemp("bench"))
+        mp.setattr(sparse_mlp, "topk_mlp", lambda x, *a: sparse.append(tuple(x.shape)) or real_sparse(x, *a))
+        mp.setattr(MLP, "forward", lambda mlp, x: reference.append(tuple(x.shape)) or real_forward(mlp, x))
+        stdout = main_of("toolkit.bench", *BENCH_TINY, f"--prepare_input={FINEWEB_SAMPLE}")
+    return stdout, json.loads(stdout.strip().splitlines()[-1]), sparse, reference
+
+
+def test_bench_runs_end_to_end(bench_run):
+    stdout, result, _, _ = bench_run
     cpu_only = ("mlp_topk_over_dense", "sparse_decode_speedup")  # sparse_mlp.py's rows
     for key in ("train_topk_over_dense", "anneal_over_dense", "kv_cache_speedup", "prepare_tokens_per_s") + (
             cpu_only if result["device"] == "cpu" else ()):
@@ -277,15 +291,10 @@ def test_bench_runs_end_to_end(bench):
     assert "training iteration" in stdout and "decoding" in stdout
 
 
-def test_bench_times_the_sparse_mlp_row_on_the_sparse_path_and_the_reference_row_off_it(bench, monkeypatch):
-    paths, real = [], sparse_mlp.topk_mlp
-    monkeypatch.setattr(sparse_mlp, "topk_mlp", lambda x, *a: paths.append(tuple(x.shape)) or real(x, *a))
-    reference = []
-    real_forward = MLP.forward  # what the reference row (and the dense one) runs
-    monkeypatch.setattr(MLP, "forward", lambda mlp, x: reference.append(tuple(x.shape)) or real_forward(mlp, x))
-    bench("--prepare_tokens=0")
+def test_bench_times_the_sparse_mlp_row_on_the_sparse_path_and_the_reference_row_off_it(bench_run):
+    _, _, sparse, reference = bench_run
     mlp_row = (1, 64, 32)  # BENCH_TINY's --mlp_tokens=64 of width 32
-    assert mlp_row in paths and mlp_row in reference
+    assert mlp_row in sparse and mlp_row in reference
 
 
 def test_bench_without_its_tokenization_input_skips_that_row_and_still_prints_the_summary(bench):
