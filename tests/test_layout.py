@@ -6,8 +6,6 @@ import os
 import re
 import shlex
 
-import pytest
-
 from conftest import HERE
 
 SCRIPTS = ("train", "prepare", "sample", "steer")  # the top-level scripts: nothing imports them
@@ -44,14 +42,14 @@ def test_model_py_imports_nothing_of_the_repository():
     assert [m for _, m in imports("model.py") if m.split(".")[0] in local] == []
 
 
-@pytest.mark.parametrize("path", [p for p in source_files() if p.startswith("toolkit")])
-def test_the_toolkit_imports_no_top_level_script(path):
-    assert [m for _, m in imports(path) if m.split(".")[0] in SCRIPTS] == []
+def test_the_toolkit_imports_no_top_level_script():
+    toolkit = [p for p in source_files() if p.startswith("toolkit")]
+    assert len(toolkit) > 20
+    assert [(p, m) for p in toolkit for _, m in imports(p) if m.split(".")[0] in SCRIPTS] == []
 
 
-@pytest.mark.parametrize("path", source_files())
-def test_no_import_hides_inside_a_function(path):
-    assert [(f, m) for f, m in imports(path) if f is not None] == []
+def test_no_import_hides_inside_a_function():
+    assert [(p, f, m) for p in source_files() for f, m in imports(p) if f is not None] == []
 
 
 def flags_of(script):
@@ -78,16 +76,26 @@ def commands():
     return out
 
 
-@pytest.mark.parametrize("doc, script, args", commands())
-def test_documented_commands_name_real_scripts_configs_and_flags(doc, script, args):
+def faults(doc, script, args):
+    """What is wrong with one documented command: a script, flag or config file that does not exist."""
     path = script[3:].replace(".", "/") + ".py" if script.startswith("-m ") else script
-    assert os.path.isfile(os.path.join(HERE, path)), f"{doc}: no script {script}"
+    if not os.path.isfile(os.path.join(HERE, path)):
+        return [f"{doc}: no script {script}"]
     flags = flags_of(path)
-    for arg in shlex.split(args.strip()):
-        if arg.startswith("--"):
-            assert arg[2:].split("=")[0] in flags, f"{doc}: {script} has no flag {arg}"
-        elif arg.startswith("config/"):
-            assert os.path.isfile(os.path.join(HERE, arg)), f"{doc}: no config file {arg}"
+    return [f"{doc}: {script} has no flag {arg}" if arg.startswith("--") else f"{doc}: no config file {arg}"
+            for arg in shlex.split(args.strip())
+            if arg.startswith("--") and arg[2:].split("=")[0] not in flags
+            or arg.startswith("config/") and not os.path.isfile(os.path.join(HERE, arg))]
+
+
+def test_documented_commands_name_real_scripts_configs_and_flags():
+    assert [fault for command in commands() for fault in faults(*command)] == []
+
+
+def test_a_command_naming_a_missing_script_flag_or_config_is_found():
+    assert faults("README.md", "-m toolkit.nothing", "") == ["README.md: no script -m toolkit.nothing"]
+    assert faults("README.md", "train.py", "config/none.py --topk=8 --nonsense=1") == [
+        "README.md: no config file config/none.py", "README.md: train.py has no flag --nonsense=1"]
 
 
 def test_a_toolkit_script_shows_how_it_is_run_in_its_help(run_main):
