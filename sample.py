@@ -31,7 +31,7 @@ if temperature < 0:
 prompt = encode_prompt(start)  # before loading the model, so a bad prompt fails at once
 device = resolve_device(device)
 model, _ = load_model(out_dir, device)
-if cpu_fast and device == 'cpu':
+if cpu_fast:  # a model off the CPU is left as it is
     cpu_fast_paths(model)
 x = torch.tensor([prompt], dtype=torch.long, device=device)
 torch.manual_seed(seed)

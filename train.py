@@ -192,7 +192,7 @@ if checkpoint is not None or weights is not None:
             f"{' '.join(str(e).split())[:200]}")
     weights = None  # free memory: the model holds its own copy
 model.to(device)
-if cpu_fast and device_type == 'cpu':
+if cpu_fast:  # a model off the CPU is left as it is
     cpu_fast_paths(model)
 scaler = torch.amp.GradScaler(enabled=(dtype == 'float16'))  # bf16 and fp32 need no loss scaling
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
