@@ -76,6 +76,14 @@ def _assigned_names(script):
         return None
 
 
+def read_config(path):
+    """{key: value} of the settings a config file assigns (imports and helpers inside it left out)."""
+    file_vars = {}
+    with open(path) as f:
+        exec(f.read(), {}, file_vars)
+    return {k: v for k, v in file_vars.items() if not k.startswith("_") and type(v) in SIMPLE_TYPES}
+
+
 def configure(namespace, argv=None):
     """Apply the config file and --key=value overrides in argv to namespace (usually a script's
     globals()); returns the resulting {key: value} of every configurable key."""
@@ -93,12 +101,7 @@ def configure(namespace, argv=None):
         if not arg.startswith("--"):  # a config file
             if not os.path.isfile(arg):
                 die(f"config file {arg!r} not found (arguments are a config file or --key=value)")
-            file_vars = {}
-            with open(arg) as f:
-                exec(f.read(), {}, file_vars)
-            for key, value in file_vars.items():
-                if key.startswith("_") or type(value) not in SIMPLE_TYPES:
-                    continue  # imports and helpers inside a config file
+            for key, value in read_config(arg).items():
                 if key not in defaults:
                     die(f"unknown key {key!r} in config file {arg}")
                 config[key] = _check_type(key, value, defaults[key])

@@ -93,3 +93,32 @@ def test_an_evaluation_with_other_settings_is_made_again(ablation, monkeypatch):
 def test_a_verdict_needs_a_paired_difference_of_2_standard_errors(a, b, sign, says):
     mean, se, verdict_text = verdict(a, b, sign)
     assert verdict_text == says and mean == pytest.approx(np.mean(np.subtract(a, b)))
+
+
+def test_an_arm_ending_in_lr_scales_the_configurations_learning_rate_and_min_lr(tmp_path, monkeypatch):
+    (tmp_path / "c.py").write_text("learning_rate = 2e-3\nmin_lr = 2e-4\n")
+    monkeypatch.setattr(ablate, "config", str(tmp_path / "c.py"))
+    flags = ablate.arm_flags("nontopk2-lr0.5", 1)
+    assert "--learning_rate=0.001" in flags and "--min_lr=0.0001" in flags and flags[-1] == "--n_nontopk=2"
+    assert not any(f.startswith(("--learning_rate", "--min_lr")) for f in ablate.arm_flags("nontopk2", 1))
+    assert ablate.describe("nontopk2-lr2") == "two dense blocks at the end, learning rate x2"
+
+
+def test_n_layer_sets_the_depth_of_every_arm(monkeypatch):
+    monkeypatch.setattr(ablate, "n_layer", 8)
+    assert all("--n_layer=8" in ablate.arm_flags(arm, 1) for arm in ablate.ARMS)
+    monkeypatch.setattr(ablate, "n_layer", 0)
+    assert not any(f.startswith("--n_layer") for f in ablate.arm_flags("k16", 1))  # the configuration's depth
+
+
+@pytest.mark.parametrize("arm", ["k17", "k16-lr0", "k16-lrx", "-lr2"])
+def test_an_unknown_arm_or_learning_rate_factor_is_refused(arm):
+    with pytest.raises(SystemExit, match=rf"--arms: unknown arm '{arm}'"):
+        main_of("toolkit.ablate", f"--arms={arm}")
+
+
+def test_a_learning_rate_arm_needs_the_configurations_learning_rate(tmp_path):
+    (tmp_path / "c.py").write_text("topk = 8\n")
+    with pytest.raises(SystemExit, match=r"c.py must set learning_rate and min_lr for an arm ending in -lrF"):
+        main_of("toolkit.ablate", f"--config={tmp_path}/c.py", f"--out_dir={tmp_path}/out", "--arms=k16-lr2")
+    assert not (tmp_path / "out").exists()

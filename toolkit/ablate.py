@@ -3,13 +3,16 @@ The paper's ablations, with error bars over seeds, on one short real-English con
 
     python -m toolkit.ablate                    # 8 arms x 3 seeds of config/train_real_cpu.py at 160 steps
     python -m toolkit.ablate --arms=dense,k16 --seeds=1337,1338
+    python -m toolkit.ablate --n_layer=8 --arms=nontopk0,nontopk2,nontopk2-lr0.5,nontopk2-lr2
 
 Every arm x seed is a train.py run into OUT_DIR/ARM-sSEED (kept: a second call trains only what is
 missing), evaluated here on the same validation tokens. Within a seed every arm sees the same
 training tokens, since train.py's batches follow from (seed, iteration). The arms (ARMS) change one
 thing each against k16, the TopK LM of k 16 (of 512 in the default configuration), n_nontopk 1 and
 linear annealing, set by flags whatever the configuration says: the dense twin, n_nontopk 0 and 2,
-k 8 and 32, and cosine and step annealing.
+k 8 and 32, and cosine and step annealing. An arm's name followed by -lrF (nontopk2-lr0.5) is that
+arm with the configuration's learning rate and min_lr times F, so that a verdict can be checked
+against the learning rate; --n_layer sets the depth of every arm.
 
 Per run: validation perplexity over eval_tokens, and for every block the mean token and semantic
 entropy of its neurons that fire and its dead fraction (analysis.py has the definitions). The
@@ -36,7 +39,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from configurator import configure, die
+from configurator import configure, die, read_config
 from model import topk_layers
 from toolkit.analysis import analyse, mean_over_firing, semantic_clusters
 from toolkit.common import load_checkpoint, load_model
@@ -51,7 +54,8 @@ config = 'config/train_real_cpu.py'  # the configuration every arm starts from
 max_iters = 160  # steps per run (RESULTS.md gives the CPU time of a study)
 warmup_iters = 20
 seeds = '1337,1338,1339'
-arms = 'all'  # comma-separated names of ARMS, or 'all'
+arms = 'all'  # comma-separated names of ARMS (each may end in -lrF: learning rate times F), or 'all'
+n_layer = 0  # blocks in every arm; 0 keeps the configuration's
 jobs = 2  # runs at a time, one thread each
 eval_tokens = 131072  # validation tokens for the perplexity
 entropy_tokens = 32768  # of them, the ones the entropies are measured on (entropy.py's default)
@@ -85,11 +89,32 @@ CLAIMS = [
 ]
 
 
+def parse_arm(name):
+    """(name in ARMS, learning-rate factor) of an arm's name: 'nontopk2-lr0.5' is (nontopk2, 0.5)."""
+    m = re.fullmatch(r'(.+)-lr(\d+(?:\.\d+)?)', name)
+    base, factor = (m[1], float(m[2])) if m else (name, 1.0)
+    if base not in ARMS or factor <= 0:
+        die(f"--arms: unknown arm {name!r} (the arms: {', '.join(ARMS)}, each may end in -lrF with F > 0)")
+    return base, factor
+
+
+def describe(arm):
+    base, factor = parse_arm(arm)
+    return ARMS[base][1] + (f', learning rate x{factor:g}' if factor != 1 else '')
+
+
 def arm_flags(arm, seed):
     """train.py's flags beyond the configuration file for one arm and seed; k16's settings first, so
     that every arm differs from it in its own flags alone, whatever the file says."""
-    return [f'--seed={seed}', f'--max_iters={max_iters}', f'--lr_decay_iters={max_iters}',
-            f'--warmup_iters={warmup_iters}', '--topk=16', '--n_nontopk=1', '--annealing_schedule=linear', *ARMS[arm][0]]
+    base, factor = parse_arm(arm)
+    flags = [f'--seed={seed}', f'--max_iters={max_iters}', f'--lr_decay_iters={max_iters}',
+             f'--warmup_iters={warmup_iters}', '--topk=16', '--n_nontopk=1', '--annealing_schedule=linear']
+    if n_layer:
+        flags.append(f'--n_layer={n_layer}')
+    if factor != 1:  # min_lr scales too, so that the schedule keeps its shape
+        file = read_config(config)
+        flags += [f"--learning_rate={file['learning_rate'] * factor!r}", f"--min_lr={file['min_lr'] * factor!r}"]
+    return flags + ARMS[base][0]
 
 
 def trained(arm, seed, run):
@@ -218,7 +243,7 @@ def table(summary, seed_list):
              "| the same, layers TopK in every arm |", "| --- | --- | --- | --- | --- |"]
     pm = lambda v, f: f"{np.mean(v):{f}} ± {np.std(v, ddof=1):{f}}"
     for arm, s in summary.items():
-        lines.append(f"| {arm} | {ARMS[arm][1]} | {pm(s['ppl'], '.2f')} | {pm(s['entropy'], '.3f')} | "
+        lines.append(f"| {arm} | {describe(arm)} | {pm(s['ppl'], '.2f')} | {pm(s['entropy'], '.3f')} | "
                      f"{pm(s['entropy_shared'], '.3f')} |")
     lines += ["", f"mean ± standard deviation over {len(seed_list)} seeds ({', '.join(map(str, seed_list))})", "",
               "| claim | a − b | difference (± 1 s.e.) | verdict |", "| --- | --- | --- | --- |"]
@@ -271,17 +296,18 @@ def plot(path, summary):
 def main():
     configure(globals())
     names = list(ARMS) if arms == 'all' else arms.split(',')
-    unknown = [a for a in names if a not in ARMS]
-    if unknown:
-        die(f"--arms: unknown arm {unknown[0]!r} (the arms: {', '.join(ARMS)})")
+    for name in names:
+        parse_arm(name)
     try:
         seed_list = [int(s) for s in seeds.split(',')]
     except ValueError:
         die(f"--seeds must be comma-separated integers, got {seeds!r}")
-    if jobs < 1 or max_iters < 1:
-        die(f"--jobs and --max_iters must be positive, got {jobs} and {max_iters}")
+    if jobs < 1 or max_iters < 1 or n_layer < 0:
+        die(f"--jobs and --max_iters must be positive and --n_layer at least 0, got {jobs}, {max_iters} and {n_layer}")
     if not os.path.isfile(config):
         die(f"--config={config} not found")
+    if any(parse_arm(a)[1] != 1 for a in names) and not {'learning_rate', 'min_lr'} <= set(read_config(config)):
+        die(f"--config={config} must set learning_rate and min_lr for an arm ending in -lrF")
     torch.set_num_threads(1)  # the evaluations run beside the training runs
     os.makedirs(out_dir, exist_ok=True)
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
