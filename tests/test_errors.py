@@ -159,6 +159,13 @@ def foreign_shard(path):  # e.g. a raw uint16 token dump without the llm.c heade
     np.arange(1000, dtype=np.uint16).tofile(path)
 
 
+def unrecorded_shard(path):  # as llm.c writes one: no largest id in the header, so every token is read
+    write_shard(path, [1, 2, 60000])
+    with open(path, "r+b") as f:
+        f.seek(12)
+        f.write(np.zeros(1, dtype=np.int32).tobytes())
+
+
 def corrupted_checkpoint(path):  # cut short, as by a full disk under a non-atomic write
     torch.save({"model": {"w": torch.ones(10_000)}, "model_args": {}}, path)
     with open(path, "r+b") as f:
@@ -173,6 +180,8 @@ CALL_TABLE = [
     ("truncated shard", truncated_shard, read_shard, "{path} is truncated or padded: header says 100 tokens"),
     ("shard with a foreign header", foreign_shard, read_shard, "{path} is not a token shard (bad magic number"),
     ("shard with token ids beyond the vocabulary", lambda p: write_shard(p, [1, 2, 60000]),
+     lambda p: read_shard(p, VOCAB_SIZE), "{path} holds token id 60000, beyond the vocabulary size 50304"),
+    ("shard of another writer with token ids beyond the vocabulary", unrecorded_shard,
      lambda p: read_shard(p, VOCAB_SIZE), "{path} holds token id 60000, beyond the vocabulary size 50304"),
     ("corrupted checkpoint", corrupted_checkpoint, load_checkpoint, "{path} is not a readable checkpoint"),
     ("foreign checkpoint", lambda p: torch.save({"weights": torch.ones(3)}, p), load_checkpoint,

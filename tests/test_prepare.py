@@ -54,7 +54,9 @@ def test_fineweb_sample_round_trips(sample_dir):
 def test_shard_header_is_llm_c_format(sample_dir):
     path = os.path.join(sample_dir, "local_train_000001.bin")
     header = np.fromfile(path, dtype=np.int32, count=256)
-    assert list(header[:3]) == [20240520, 1, 20000] and not header[3:].any()
+    tokens = data.read_shard(path)
+    # llm.c's magic, version and count; then the largest id + 1, in a slot llm.c leaves zero
+    assert list(header[:4]) == [20240520, 1, 20000, int(tokens.max()) + 1] and not header[4:].any()
     assert os.path.getsize(path) == 256 * 4 + 20000 * 2
 
 
@@ -209,3 +211,12 @@ def test_unrecorded_shards_are_not_overwritten(tmp_path):
     before = foreign.read_bytes()
     check_fails_cleanly(run(f"--input={FINEWEB_SAMPLE}", f"--out_dir={tmp_path}", *SMALL), ["--out_dir", ".bin"])
     assert shards(tmp_path) == {foreign.name: before}
+
+
+def test_the_vocabulary_check_reads_the_header_not_every_token(tmp_path, monkeypatch):
+    path = str(tmp_path / "x_train_000000.bin")
+    data.write_shard(path, np.array([1, 700, 3]))
+    monkeypatch.setattr(np.memmap, "max", lambda *a, **k: pytest.fail("read every token"))
+    assert list(data.read_shard(path, 701)) == [1, 700, 3]
+    with pytest.raises(SystemExit, match=r"holds token id 700, beyond the vocabulary size 700"):
+        data.read_shard(path, 700)

@@ -103,12 +103,15 @@ def write_shard(path, tokens):
     if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
         raise ValueError(f"token ids out of uint16 range for shard {path}")
     header = np.zeros(HEADER_INTS, dtype=np.int32)
-    header[:3] = (SHARD_MAGIC, SHARD_VERSION, len(tokens))
+    # header[3], unused by llm.c, keeps the largest id + 1 (0: not recorded), so that the vocabulary
+    # check at every start reads 1 KB per shard rather than every token
+    header[:4] = (SHARD_MAGIC, SHARD_VERSION, len(tokens), int(tokens.max()) + 1 if tokens.size else 0)
     atomic_write(path, lambda f: (f.write(header.tobytes()), f.write(tokens.astype(np.uint16).tobytes())))
 
 
 def read_shard(path, vocab_size=None):
-    """Memory-map a shard's tokens, checking its header and length; errors name the file."""
+    """Memory-map a shard's tokens, checking its header, its length and (given vocab_size) that every
+    id is in the vocabulary; errors name the file."""
     try:
         header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
     except OSError as e:
@@ -123,8 +126,10 @@ def read_shard(path, vocab_size=None):
         die(f"{path} is truncated or padded: header says {n} tokens "
             f"({expected} bytes), file has {os.path.getsize(path)} bytes")
     tokens = np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(n,))
-    if vocab_size is not None and n and int(tokens.max()) >= vocab_size:
-        die(f"{path} holds token id {int(tokens.max())}, beyond the vocabulary size {vocab_size}")
+    if vocab_size is not None and n:
+        largest = int(header[3]) - 1 if header[3] > 0 else int(tokens.max())  # a shard of another writer: read it all
+        if largest >= vocab_size:
+            die(f"{path} holds token id {largest}, beyond the vocabulary size {vocab_size}")
     return tokens
 
 
