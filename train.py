@@ -238,6 +238,26 @@ if master:  # a run killed while saving leaves its temporary file (toolkit/commo
     if init_from != 'resume' and overwrite:  # the replaced run's snapshots would mix into this one's series
         for stale in glob.glob(os.path.join(out_dir, 'ckpt*.pt')):
             os.remove(stale)
+# The NaN guarantee without a host sync per step: every step ANDs its loss's finiteness into a flag
+# on the device, read only where the loop reads the device anyway (logging) or is about to write a
+# model (evaluation, snapshots), so no model is saved once a loss was nan or inf.
+all_finite, unchecked_from = torch.ones((), dtype=torch.bool, device=device), iter_num
+
+
+def stop_if_diverged(last):
+    """Stop if a loss of iterations unchecked_from..last was not finite."""
+    global unchecked_from
+    if ddp:  # every rank stops, not only the one that saw it
+        flag = all_finite.to(torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        all_finite.copy_(flag.bool())
+    if not all_finite.item():
+        where = f"iteration {last}" if last == unchecked_from else f"one of iterations {unchecked_from}-{last}"
+        die(f"the loss was nan or inf at {where}; stopping without saving (lower --learning_rate "
+            f"or check the data). The last good checkpoint is in {out_dir}")
+    unchecked_from = last + 1
+
+
 while True:
     lr, alpha = get_lr(iter_num), annealed_alpha(iter_num, anneal_span, annealing_schedule)
     for group in optimizer.param_groups:
@@ -247,6 +267,7 @@ while True:
     resumed_here = init_from == 'resume' and iter_num == start_iter  # this state is already on disk
     if iter_num % eval_interval == 0 and not resumed_here and iter_num > 0 or iter_num == end_iter:
         t_eval = time.time()
+        stop_if_diverged(iter_num - 1)
         losses = estimate_loss()
         if not math.isfinite(losses['val']):
             die(f"validation loss is {losses['val']} at iteration {iter_num}; "
@@ -257,14 +278,14 @@ while True:
                   f"val ppl {math.exp(losses['val']):.2f}", flush=True)
             save(ckpt_path, full=True)
         t0 += time.time() - t_eval  # tokens/s counts training time only
-    snapshot_due = master and ckpt_interval > 0 and iter_num % ckpt_interval == 0 and not resumed_here
+    snapshot_due = ckpt_interval > 0 and iter_num % ckpt_interval == 0 and not resumed_here
     snapshot = os.path.join(out_dir, f'ckpt_{iter_num:06d}.pt')
     if iter_num >= end_iter:
-        if snapshot_due:
+        if snapshot_due and master:
             save(snapshot, full=False)
         break
 
-    loss_sum = torch.zeros((), device=device)
+    loss_sum = torch.zeros((), device=device)  # this rank's share of the iteration's loss
     for micro in range(accum_per_rank):
         x, y = get_batch(iter_num, rank * accum_per_rank + micro)  # reseeds dropout too
         if ddp:  # average gradients across processes only on the last micro-batch
@@ -274,16 +295,11 @@ while True:
             loss = loss / accum_per_rank  # DDP averages over processes, completing the mean
         loss_sum += loss.detach()
         scaler.scale(loss).backward()
-    if ddp:  # the loss over the whole global batch, as one process would see it
-        dist.all_reduce(loss_sum)
-        loss_sum /= world_size
-    last_loss = loss_sum.item()
-    if not math.isfinite(last_loss):
-        # stop before the optimizer step: ckpt.pt still holds the last good model
-        die(f"loss is {last_loss} at iteration {iter_num}; stopping without saving (lower "
-            f"--learning_rate or check the data). The last good checkpoint is in {out_dir}")
-    if snapshot_due:  # only now that this model's loss is known to be finite, before the step changes it
-        save(snapshot, full=False)
+    all_finite &= torch.isfinite(loss_sum)
+    if snapshot_due:  # this model, before the step changes it, and only once its loss is known to be finite
+        stop_if_diverged(iter_num)  # on every rank: a collective under DDP
+        if master:
+            save(snapshot, full=False)
     if grad_clip > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -292,9 +308,14 @@ while True:
     optimizer.zero_grad(set_to_none=True)
 
     iter_num += 1
+    if iter_num % log_interval == 0:
+        if ddp:  # the loss over the whole global batch, as one process would see it
+            dist.all_reduce(loss_sum)
+            loss_sum /= world_size
+        stop_if_diverged(iter_num - 1)
     if master and iter_num % log_interval == 0:
         dt, t0 = time.time() - t0, time.time()
-        line = (f"iter {iter_num}: loss {last_loss:.6f}, lr {lr:.3e}, alpha {alpha:.3f}, "
+        line = (f"iter {iter_num}: loss {loss_sum.item():.6f}, lr {lr:.3e}, alpha {alpha:.3f}, "
                 f"{tokens_per_iter * log_interval / dt:,.0f} tok/s")
         if peak:
             line += f", mfu {100 * flops_per_iter * log_interval / dt / (peak * world_size):.1f}%"

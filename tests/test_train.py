@@ -7,7 +7,8 @@ train.py and sample.py, as a user runs them, and what makes training reliable:
     DDP              two gloo processes give the losses of one process accumulating the same batch
     fault tolerance  a rank killed under torchrun --max_restarts resumes to the uninterrupted weights
     security         every torch.load has weights_only=True; checkpoints hold tensors and plain values
-    divergence       a NaN loss stops training and the last good checkpoint stays as it was
+    divergence       a NaN loss stops training and the last good checkpoint stays as it was, with no
+                     read-back from the device at every step to see it
 
 The runs compared are conftest.py's train_runs, built once and side by side.
 """
@@ -332,12 +333,46 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(data, refe
                  "--max_iters=12", "--lr_decay_iters=12", "--eval_interval=100", "--ckpt_interval=1",
                  "--learning_rate=1e6", "--min_lr=1e6", "--grad_clip=0")
     error = str(stopped.value.code)
-    failed = re.match(r"error: loss is (nan|-?inf) at iteration (\d+); stopping without saving", error)
+    failed = re.match(r"error: the loss was nan or inf at iteration (\d+); stopping without saving", error)
     assert failed and "\n" not in error, error
     assert f"The last good checkpoint is in {tmp_path}" in error
     assert sha256(tmp_path / "ckpt.pt") == good
     snapshots = sorted(glob.glob(str(tmp_path / "ckpt_*.pt")))
-    assert [os.path.basename(p) for p in snapshots] == [f"ckpt_{i:06d}.pt" for i in range(5, int(failed[2]))]
+    assert [os.path.basename(p) for p in snapshots] == [f"ckpt_{i:06d}.pt" for i in range(5, int(failed[1]))]
     for path in snapshots:  # the models before the failing iteration, none after it
         assert all(torch.isfinite(w).all() for w in torch.load(path, weights_only=True)["model"].values()), path
     assert {k: v for k, v in fingerprint(tmp_path).items() if not k.startswith("ckpt_")} == before
+
+
+def test_the_loss_is_not_read_back_from_the_device_at_every_step(data, run_main, tmp_path, monkeypatch):
+    # a read of a tensor's value (item, float, bool, tolist) waits for the GPU to finish its queue;
+    # counted where train.py makes it, runs of 3 and of 9 steps must make the same number
+    reads = []
+
+    def counted(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args):
+            if os.path.basename(sys._getframe(1).f_code.co_filename) == "train.py":
+                reads.append(name)
+            return original(self, *args)
+        monkeypatch.setattr(torch.Tensor, name, read)
+    for name in ("item", "__float__", "__bool__", "tolist"):
+        counted(name)
+    counts = []
+    for steps in (3, 9):
+        reads.clear()
+        run_main("train.py", *TRAIN, f"--data_dir={data}", f"--out_dir={tmp_path / str(steps)}", f"--max_iters={steps}",
+                 f"--lr_decay_iters={steps}", "--eval_interval=100", "--log_interval=100", "--ckpt_interval=0")
+        counts.append(len(reads))
+    assert counts[0] == counts[1] and counts[0] > 0, counts  # the final evaluation's reads, and no more
+
+
+def test_a_nan_loss_between_two_reads_is_found_at_the_next(data, reference, run_main, tmp_path):
+    shutil.copy(reference.out / "ckpt.pt", tmp_path)
+    good = sha256(tmp_path / "ckpt.pt")
+    with pytest.raises(SystemExit, match=r"the loss was nan or inf at one of iterations 4-7; stopping without saving"):
+        run_main("train.py", *TRAIN, f"--data_dir={data}", f"--out_dir={tmp_path}", "--init_from=resume",
+                 "--max_iters=12", "--lr_decay_iters=12", "--eval_interval=100", "--log_interval=4", "--ckpt_interval=0",
+                 "--learning_rate=1e6", "--min_lr=1e6", "--grad_clip=0")
+    assert sha256(tmp_path / "ckpt.pt") == good
