@@ -84,9 +84,11 @@ def read_config(path):
     return {k: v for k, v in file_vars.items() if not k.startswith("_") and type(v) in SIMPLE_TYPES}
 
 
-def configure(namespace, argv=None):
+def configure(namespace, argv=None, given=None):
     """Apply the config file and --key=value overrides in argv to namespace (usually a script's
-    globals()); returns the resulting {key: value} of every configurable key."""
+    globals()); returns the resulting {key: value} of every configurable key. The keys the config
+    file and flags set are added to the set `given`, for a script that takes a value from elsewhere
+    (trained weights' shape) unless the user named one."""
     argv = sys.argv[1:] if argv is None else argv
     script = namespace.get("__file__", sys.argv[0])
     assigned = _assigned_names(script)  # the script's own defaults, not constants it imported
@@ -105,6 +107,8 @@ def configure(namespace, argv=None):
                 if key not in defaults:
                     die(f"unknown key {key!r} in config file {arg}")
                 config[key] = _check_type(key, value, defaults[key])
+                if given is not None:
+                    given.add(key)
             continue
         key, eq, raw = arg[2:].partition("=")
         if not eq:
@@ -112,5 +116,7 @@ def configure(namespace, argv=None):
         if key not in defaults:
             die(f"unknown flag --{key} (see --help)")
         config[key] = _convert(key, raw, defaults[key])
+        if given is not None:
+            given.add(key)
     namespace.update(config)
     return config

@@ -15,6 +15,7 @@ from torch.nn import functional as F
 from conftest import DEVICES, TINY, needs_cuda, saved_sizes
 from model import GPT, GPTConfig, TopK, annealed_alpha, trained_alpha
 from toolkit import toy_corpus
+from toolkit.common import device_facts
 from toolkit.data import EOT, encode
 
 SMALL_VOCAB = dict(vocab_size=128)  # conftest's tiny model with a small vocabulary
@@ -201,7 +202,7 @@ def test_loss_falls_within_a_few_steps_on_toy_data(tiny_model):
     tokens = torch.tensor([t for doc in toy_corpus.generate(n_docs=8, seed=0) for t in [EOT] + encode(doc)])
     xy = tokens[:4 * 65].view(4, 65)  # one fixed batch of 4 toy sequences
     x, y = xy[:, :-1], xy[:, 1:]
-    optimizer = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu")
+    optimizer = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), fused=False)
     losses = []
     for _ in range(15):
         _, loss = model(x, y)
@@ -329,7 +330,27 @@ def test_training_attention_runs_on_the_flash_kernel():
     loss.backward()
 
 
-@needs_cuda
-def test_cuda_optimizer_is_fused_adamw(tiny_model):
-    opt = tiny_model().cuda().configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cuda")
-    assert all(group["fused"] for group in opt.param_groups)
+def torch_fuses_adamw_on_the_cpu():
+    try:
+        torch.optim.AdamW([torch.zeros(1, requires_grad=True)], fused=True)
+    except RuntimeError:  # older torch: fused AdamW is CUDA's alone
+        return False
+    return True
+
+
+@pytest.mark.parametrize("device, params_on, fused", [
+    ("cpu", "cpu", False),
+    pytest.param("cuda:0", "cpu", True, marks=pytest.mark.skipif(  # CUDA's choice, the parameters left on the CPU
+        not torch_fuses_adamw_on_the_cpu(), reason="this torch has no fused AdamW on the CPU")),
+    pytest.param("cuda", "cuda", True, marks=needs_cuda),
+])
+def test_the_optimizer_of_a_cuda_run_steps_with_torchs_fused_adamw_kernel_and_of_a_cpu_run_without(
+        tiny_model, monkeypatch, device, params_on, fused):
+    calls, real = [], torch._fused_adamw_
+    monkeypatch.setattr(torch, "_fused_adamw_", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = tiny_model(**SMALL_VOCAB).to(params_on)
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), device_facts(device)["fused_adamw"])  # as train.py
+    x = torch.randint(0, SMALL_VOCAB["vocab_size"], (1, 8), device=params_on)
+    model(x, x)[1].backward()
+    opt.step()
+    assert bool(calls) == fused

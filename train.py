@@ -17,10 +17,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure, die
 from model import GPT, GPTConfig, SCHEDULES, annealed_alpha, annealing_span
-from toolkit.common import autocast, keep_freed_memory, peak_flops, resolve_device, resolve_dtype, save_checkpoint
+from toolkit.common import autocast, device_facts, keep_freed_memory, peak_flops, resolve_device, resolve_dtype, save_checkpoint
 from toolkit.cpu_fast import enable as cpu_fast_paths
 from toolkit.data import VOCAB_SIZE, read_shard, shard_paths
-from toolkit.pretrained import start_from
+from toolkit.pretrained import SHAPE, start_from
 
 # -----------------------------------------------------------------------------
 # default config values: a FineWeb-Edu TopK LM of GPT-2 small size
@@ -62,12 +62,13 @@ lr_decay_iters = 20000  # usually = max_iters
 min_lr = 6e-5  # usually learning_rate / 10
 # system
 backend = 'auto'  # DDP backend: 'auto' = nccl on CUDA, gloo on CPU
-device = 'auto'  # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', 'mps'
+device = 'auto'  # 'auto' (cuda, else mps, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'  # 'auto' (bfloat16 on GPUs that compute in it natively, float16 + loss scaling on older ones, float32 on CPU), 'float32', 'bfloat16', 'float16'
-compile = True  # torch.compile the model (used on CUDA only: on CPU compile time outweighs gains)
+compile = True  # torch.compile the model where it pays (CUDA; toolkit/common.py's DEVICES says why not elsewhere)
 cpu_fast = True  # on a CPU, toolkit/cpu_fast.py's sparse TopK MLP and chunked loss (model.py's numbers, faster); False: model.py's code
 # -----------------------------------------------------------------------------
-config = configure(globals())
+given = set()  # the keys a config file or flag set: the others may come from --init_from's weights
+config = configure(globals(), given=given)
 for flag, v in (('eval_interval', eval_interval), ('eval_iters', eval_iters), ('log_interval', log_interval)):
     if v < 1:
         die(f"--{flag} must be at least 1, got {v}")
@@ -94,17 +95,14 @@ if gradient_accumulation_steps % world_size:
     die(f"--gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the {world_size} processes")
 accum_per_rank = gradient_accumulation_steps // world_size
 dtype = resolve_dtype(dtype, device)
-device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+device_type, facts = device.split(':')[0], device_facts(device)  # what this kind of device takes (toolkit/common.py)
 ctx = autocast(device, dtype)
 torch.manual_seed(seed)  # the same initial weights in every process
 if device_type == 'cuda':
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-else:
+elif device_type == 'cpu':
     keep_freed_memory()  # large freed buffers are reused, not mapped and zeroed anew every step (toolkit/common.py)
-tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
-if master:
-    print(f"tokens per iteration: {tokens_per_iter:,} ({gradient_accumulation_steps} x {batch_size} x {block_size})")
 
 # -----------------------------------------------------------------------------
 # data: memory-mapped shards (read below, once the run's vocabulary is known); every batch is a
@@ -117,7 +115,7 @@ def batch_at(split, starts):
     rows = [torch.from_numpy(splits[split][s][o:o + block_size + 1].astype(np.int64)) for s, o in starts]
     xy = torch.stack(rows)
     # on CUDA one copy, from pinned memory, that overlaps with compute; x and y are views of it
-    xy = xy.pin_memory().to(device, non_blocking=True) if device_type == 'cuda' else xy.to(device)
+    xy = xy.pin_memory().to(device, non_blocking=True) if facts['pin_memory'] else xy.to(device)
     return xy[:, :-1], xy[:, 1:]
 
 
@@ -164,7 +162,14 @@ model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=bloc
                   vocab_size=VOCAB_SIZE, dropout=dropout, topk=topk, n_nontopk=n_nontopk)
 if annealing_schedule not in SCHEDULES:
     die(f"--annealing_schedule must be one of {', '.join(SCHEDULES)}, got {annealing_schedule!r}")
-init_from, checkpoint, weights, model_args = start_from(init_from, out_dir, overwrite, model_args, config)
+init_from, checkpoint, weights, model_args = start_from(init_from, out_dir, overwrite, model_args, config, given)
+if master and checkpoint is None and weights is not None:
+    print(f"the shape of the weights in {init_from}: " + ", ".join(f"{k} {model_args[k]}" for k in SHAPE + ('block_size',)))
+config.update((k, model_args[k]) for k in config.keys() & model_args.keys())  # as the model is, in every checkpoint
+block_size = model_args['block_size']
+tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+if master:
+    print(f"tokens per iteration: {tokens_per_iter:,} ({gradient_accumulation_steps} x {batch_size} x {block_size})")
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 iter_num, best_val_loss = 0, 1e9
 # alpha's path is fixed when a run starts: 0 from iteration anneal_span on, which a resumed run keeps,
@@ -194,13 +199,13 @@ if checkpoint is not None or weights is not None:
 model.to(device)
 if cpu_fast:  # a model off the CPU is left as it is
     cpu_fast_paths(model)
-scaler = torch.amp.GradScaler(enabled=(dtype == 'float16'))  # bf16 and fp32 need no loss scaling
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))  # bf16 and fp32 need no loss scaling
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), facts['fused_adamw'])
 if checkpoint is not None:
     optimizer.load_state_dict(checkpoint['optimizer'])
     checkpoint = None  # free memory
 raw_model = model
-if compile and device_type == 'cuda':
+if compile and facts['compile']:
     model = torch.compile(model)
 eval_model = model  # every rank evaluates its share of the batches, outside DDP's gradient hooks
 if ddp:  # alpha is set alike on every rank: no buffers to broadcast

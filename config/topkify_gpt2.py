@@ -4,7 +4,7 @@
 # A GPU recipe, not measured here (RESULTS.md, TopK-ification, has the CPU-scale measurement):
 #   python prepare.py                                                       # FineWeb-Edu into data/fineweb-edu
 #   torchrun --standalone --nproc_per_node=8 train.py config/topkify_gpt2.py
-# GPT-2 medium, large, xl: add --init_from=gpt2-medium and the shape train.py's error message names.
+# GPT-2 medium, large, xl: add --init_from=gpt2-medium (the run takes the weights' shape and prints it).
 init_from = 'gpt2'
 out_dir = 'out-gpt2-topk'
 data_dir = 'data/fineweb-edu'
@@ -17,7 +17,7 @@ batch_size = 16
 block_size = 1024
 gradient_accumulation_steps = 32
 
-# the shape is GPT-2 small's (train.py's defaults): n_layer 12, n_head 12, n_embd 768, bias
+# the shape (n_layer, n_head, n_embd, bias) is the weights'
 topk = 64
 n_nontopk = 2
 annealing_ratio = 0.2

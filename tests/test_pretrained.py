@@ -67,10 +67,10 @@ def test_at_iteration_0_the_topkified_model_has_the_dense_models_loss(topkified,
         assert not torch.equal(topk_model(x, x)[1], dense_model(x, x)[1])  # k of 128 neurons: another model
 
 
-def gpt2_folder(path, activation_function, safetensors=True):
+def gpt2_folder(path, activation_function, safetensors=True, n_layer=2):
     """A tiny GPT-2 as transformers saves it: 2 blocks of width 32, 64 positions, the 50,257 tokens."""
     torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64,
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_head=2, n_embd=32, n_positions=64,
                                     activation_function=activation_function)).eval()
     hf.save_pretrained(path, safe_serialization=safetensors)
     return hf
@@ -116,3 +116,18 @@ def test_gpt2_by_name_comes_from_the_hub_and_offline_fails_in_one_line(tmp_path,
     assert result.stderr.strip().splitlines()[-1].startswith(
         "error: --init_from=gpt2: cannot fetch openai-community/gpt2 from the Hugging Face hub")
     assert not (tmp_path / "run").exists()
+
+
+@needs_transformers
+def test_a_run_from_weights_takes_their_shape_and_says_it(tmp_path, data):
+    gpt2_folder(tmp_path / "gpt2", "gelu_new", n_layer=3)  # as gpt2-medium to -xl: not train.py's default shape
+    flags = [a for a in TRAIN if not a.startswith(("--n_layer", "--n_head", "--n_embd", "--block_size"))]
+    log = main_of("train.py", *flags, f"--data_dir={data}", f"--out_dir={tmp_path / 'run'}",
+                  f"--init_from={tmp_path / 'gpt2'}", "--stop_iter=0")
+    assert f"the shape of the weights in {tmp_path / 'gpt2'}: n_layer 3, n_head 2, n_embd 32, bias True, block_size 64" in log
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert {k: ckpt["model_args"][k] for k in ("n_layer", "n_head", "n_embd", "block_size")} == \
+        dict(n_layer=3, n_head=2, n_embd=32, block_size=64) == {k: ckpt["config"][k] for k in ("n_layer", "n_head", "n_embd", "block_size")}
+    # and the run resumes without the shape typed either
+    main_of("train.py", *flags, f"--data_dir={data}", f"--out_dir={tmp_path / 'run'}", "--init_from=resume", "--stop_iter=1")
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["iter_num"] == 1

@@ -103,7 +103,7 @@ def bench_training(ctx, use_compile):
     for name, k in (("dense", 0), ("topk", topk)):
         torch.manual_seed(seed)  # the same initial weights for both
         model = cpu_fast.enable(GPT(GPTConfig(**shape, topk=k)).to(device))
-        opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.split(":")[0])
+        opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), common.device_facts(device)['fused_adamw'])
         runs[name] = (model, torch.compile(model) if use_compile else model, opt)
     # (model, alpha, sparse_mlp.py on); the reference row differs from "topk" only where sparse_mlp.py runs
     variants = {"dense": ("dense", 0.0, True), "topk": ("topk", 0.0, True), "reference": ("topk", 0.0, False),

@@ -86,9 +86,34 @@ def keep_freed_memory():
     libc.mallopt(M_TRIM_THRESHOLD, -1)  # never shrink the heap (-1 is read as SIZE_MAX)
 
 
+# What train.py takes on each kind of device, by what torch supports there: the dtypes autocast
+# computes in, torch.compile (worth its compile time on CUDA only; inductor's Metal backend is a
+# prototype), fused AdamW, and pinned host memory for copies that overlap with compute. Apple's MPS
+# has autocast from torch 2.5 (bf16 from macOS 14) and fused AdamW; its float16 is scaled by the
+# GradScaler as CUDA's is. 'auto' takes float32 there, the dtype every Apple GPU runs.
+DEVICES = {
+    "cuda": dict(dtypes=("float32", "bfloat16", "float16"), compile=True, fused_adamw=True, pin_memory=True),
+    "mps": dict(dtypes=("float32", "bfloat16", "float16"), compile=False, fused_adamw=True, pin_memory=False),
+    "cpu": dict(dtypes=("float32", "bfloat16"), compile=False, fused_adamw=False, pin_memory=False),
+}
+
+
+def device_facts(device):
+    """DEVICES' row for a device name ('cuda:1' is 'cuda')."""
+    kind = device.split(":")[0]
+    if kind not in DEVICES:
+        die(f"--device={device} is not one of auto, {', '.join(DEVICES)} (optionally with :INDEX)")
+    return DEVICES[kind]
+
+
 def resolve_device(device):
+    """'auto' is CUDA, else Apple's MPS, else the CPU, whichever this machine has first."""
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device_facts(device)
+    present = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not present[device.split(":")[0]]:
+        die(f"--device={device}, but torch finds no such device here (--device=auto takes what there is)")
     return device
 
 
@@ -100,8 +125,8 @@ def native_bf16(capability):
 
 
 def resolve_dtype(dtype, device):
-    """'auto' is bf16 on a GPU that computes in it natively, float16 (with a GradScaler in
-    train.py) on an older GPU, fp32 on the CPU."""
+    """'auto' is bf16 on a CUDA GPU that computes in it natively, float16 (with a GradScaler in
+    train.py) on an older one, fp32 elsewhere; a dtype the device has no autocast for is refused."""
     if dtype == "auto":
         if not device.startswith("cuda"):
             dtype = "float32"
@@ -109,15 +134,14 @@ def resolve_dtype(dtype, device):
             dtype = "bfloat16" if native_bf16(torch.cuda.get_device_capability(device)) else "float16"
     if dtype not in ("float32", "bfloat16", "float16"):
         die(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
-    if dtype == "float16" and not device.startswith("cuda"):  # the GradScaler of float16 is CUDA's
-        die(f"--dtype=float16 needs a CUDA GPU; on {device} use bfloat16 or float32")
-    if dtype == "bfloat16" and not device.startswith(("cuda", "cpu")):
-        die(f"--dtype=bfloat16 runs on CUDA or the CPU, not on {device}; use float32")
+    supported = device_facts(device)["dtypes"]
+    if dtype not in supported:
+        die(f"--dtype={dtype} is not supported on {device}; use {' or '.join(supported)}")
     return dtype
 
 
 def autocast(device, dtype):
-    """Mixed precision (bf16 or fp16 autocast, on CUDA; bf16 on the CPU too); none for fp32."""
+    """Mixed precision (the dtypes of DEVICES' row); none for fp32."""
     if dtype == "float32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
@@ -131,7 +155,7 @@ def autocast(device, dtype):
 PEAK_FLOPS = ((("H100", "NVL"), 835e12), (("H100", "PCIE"), 756e12), (("H100",), 989e12),
               (("H200", "NVL"), 835e12), (("H200",), 989e12), (("A100",), 312e12),
               (("L40S",), 362e12), (("L40",), 181e12), (("L4",), 121e12), (("A10",), 125e12),
-              (("RTX", "4090"), 165e12), (("RTX", "3090"), 71e12), (("V100",), 125e12))
+              (("RTX", "4090"), 165e12), (("RTX", "3090"), 71e12), (("V100", "PCIE"), 112e12), (("V100",), 125e12))
 
 
 def gpu_peak_flops(name):

@@ -117,11 +117,13 @@ def load_weights(source):
         f"a transformers GPT-2 folder or a ckpt.pt")
 
 
-def start_from(init_from, out_dir, overwrite, model_args, config):
+def start_from(init_from, out_dir, overwrite, model_args, config, given):
     """What train.py's run starts from: (init_from, 'auto' decided; the checkpoint to resume or None;
-    the trained weights of a new run or None; model_args with their vocab_size and gelu). 'auto'
-    resumes when out_dir holds a ckpt.pt: a job that torchrun --max_restarts restarts picks up where
-    it was. A new run refuses to replace the run in out_dir unless overwrite."""
+    the trained weights of a new run or None; model_args with the shape, vocab_size and gelu of the
+    weights or checkpoint). The shape comes from them, as the weights fix it; a flag in `given`
+    (the keys the user set) that names another shape is refused. 'auto' resumes when out_dir holds
+    a ckpt.pt: a job that torchrun --max_restarts restarts picks up where it was. A new run refuses
+    to replace the run in out_dir unless overwrite."""
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     if init_from == 'auto':
         init_from = 'resume' if os.path.exists(ckpt_path) else 'scratch'
@@ -129,7 +131,7 @@ def start_from(init_from, out_dir, overwrite, model_args, config):
         die(f"{out_dir} already holds a run (ckpt.pt); continue it with --init_from=resume, "
             f"train into another --out_dir, or replace it with --overwrite=True")
     if init_from == 'resume':
-        checkpoint, model_args = resumed_checkpoint(ckpt_path, model_args, config)
+        checkpoint, model_args = resumed_checkpoint(ckpt_path, model_args, config, given)
         return init_from, checkpoint, None, model_args
     if init_from == 'scratch':
         return init_from, None, None, model_args
@@ -141,21 +143,24 @@ def start_from(init_from, out_dir, overwrite, model_args, config):
             "removes: copy it elsewhere first")
     shape, weights = load_weights(init_from)
     for k in SHAPE:
-        if model_args[k] != shape[k]:
+        if k in given and model_args[k] != shape[k]:
             die(f"--{k}={model_args[k]} differs from {k}={shape[k]} of the weights in {init_from} "
                 f"(their shape: {' '.join(f'--{s}={shape[s]}' for s in SHAPE)})")
-    block_size = model_args['block_size']
+    model_args = dict(model_args, **{k: shape[k] for k in SHAPE})
+    block_size = model_args['block_size'] if 'block_size' in given else shape['block_size']
     if block_size > shape['block_size']:
         die(f"--block_size={block_size} exceeds the {shape['block_size']} positions of the weights in {init_from}")
     # a shorter context: the first positions (weights without them: load_state_dict says so)
     if 'transformer.wpe.weight' in weights:
         weights['transformer.wpe.weight'] = weights['transformer.wpe.weight'][:block_size]
-    return init_from, None, weights, dict(model_args, vocab_size=shape['vocab_size'], gelu=shape['gelu'])
+    return init_from, None, weights, dict(model_args, block_size=block_size, vocab_size=shape['vocab_size'],
+                                          gelu=shape['gelu'])
 
 
-def resumed_checkpoint(ckpt_path, model_args, config):
-    """(checkpoint, model_args with its vocab_size and gelu) of the run in ckpt_path, which the resumed
-    run's config must continue: the same model shape and annealing settings."""
+def resumed_checkpoint(ckpt_path, model_args, config, given):
+    """(checkpoint, model_args as the checkpoint's) of the run in ckpt_path, which the resumed run
+    continues: its model shape, unless a flag in `given` names another (refused), and the same
+    annealing settings."""
     if not os.path.exists(ckpt_path):
         die(f"--init_from=resume but there is no checkpoint at {ckpt_path}")
     checkpoint = load_checkpoint(ckpt_path, 'cpu')
@@ -164,11 +169,11 @@ def resumed_checkpoint(ckpt_path, model_args, config):
         die(f"{ckpt_path} cannot be resumed from: it has no {', '.join(sorted(missing))}")
     # the model's shape, and alpha's path: another would make alpha jump, and trained_alpha misread the run
     was_args, was_config = checkpoint['model_args'], checkpoint['config']
-    saved = {k: was_args.get(k) for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'topk', 'n_nontopk')}
-    saved.update(annealing_schedule=was_config.get('annealing_schedule', 'linear'),
+    shape = {k: was_args.get(k) for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'topk', 'n_nontopk')}
+    saved = dict(shape, annealing_schedule=was_config.get('annealing_schedule', 'linear'),
                  annealing_ratio=was_config.get('annealing_ratio'))
     for k, was in saved.items():
-        if was != config[k]:
+        if was != config[k] and (k in given or k not in shape):
             die(f"--{k}={config[k]!r} differs from the checkpoint's {k}={was!r} in {ckpt_path}")
     # as the run began: a run from GPT-2's weights has its 50,257 tokens and tanh GELU
-    return checkpoint, dict(model_args, vocab_size=was_args['vocab_size'], gelu=was_args.get('gelu', 'none'))
+    return checkpoint, dict(model_args, **shape, vocab_size=was_args['vocab_size'], gelu=was_args.get('gelu', 'none'))
