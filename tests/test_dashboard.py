@@ -1,6 +1,9 @@
 """dashboard.py: SAEDashboard renders a TopK LM's neurons from export.py's TransformerLens and
 SAELens folders, with analysis.py's top contexts, on conftest's tiny TopK run."""
+import json
+import re
 import shutil
+from html.parser import HTMLParser
 
 import pytest
 
@@ -15,6 +18,33 @@ from toolkit.common import load_model  # noqa: E402
 from toolkit.neurons import collect, run_eval_tokens  # noqa: E402
 
 LAYER = 1
+
+
+class Scripts(HTMLParser):
+    """The text of each <script> of a page, which the parser hands over in pieces."""
+    def __init__(self):
+        super().__init__()
+        self.scripts, self.inside = [], False
+
+    def handle_starttag(self, tag, attrs):
+        self.inside = tag == 'script'
+        self.scripts += [''] if self.inside else []
+
+    def handle_endtag(self, tag):
+        self.inside = False
+
+    def handle_data(self, data):
+        if self.inside:
+            self.scripts[-1] += data
+
+
+def page_data(page):
+    """What a SAEDashboard page renders: the object that defineData() in its script returns."""
+    parser = Scripts()
+    parser.feed(page.read_text())
+    script = next(text for text in parser.scripts if 'function defineData' in text)
+    returned = script.index('return', script.index('function defineData'))
+    return json.JSONDecoder().raw_decode(script, script.index('{', returned))[0]
 
 
 @pytest.fixture
@@ -53,6 +83,15 @@ def test_the_command_line_writes_the_page_and_refuses_what_it_cannot_read(export
         run_main('toolkit.dashboard', f'--out_dir={exported}', f'--layer={LAYER}', '--neurons=3,999')
     with pytest.raises(SystemExit, match="--neurons must be comma-separated"):
         run_main('toolkit.dashboard', f'--out_dir={exported}', f'--layer={LAYER}', '--neurons=a')
-    printed = run_main('toolkit.dashboard', f'--out_dir={exported}', f'--layer={LAYER}', '--neurons=3,5', '--eval_tokens=512')
+    model, ckpt = load_model(str(exported))
+    top = collect(model, run_eval_tokens('', ckpt, 512, model.config.block_size), [LAYER], top_m=1)[LAYER]
+    firing = top['values'][0].gt(0).nonzero().flatten().tolist()[:2]  # two neurons that fire on those tokens
+    printed = run_main('toolkit.dashboard', f'--out_dir={exported}', f'--layer={LAYER}',
+                       f'--neurons={",".join(map(str, firing))}', '--eval_tokens=512')
     page = exported / f'dashboard_layer{LAYER}.html'
-    assert f"wrote {page}" in printed and page.read_text().count('<') > 100
+    assert f"wrote {page}" in printed
+    shown = page_data(page)['DASHBOARD_DATA']
+    assert list(shown) == [str(j) for j in firing]  # a feature view for each neuron asked, no other
+    for j in firing:  # the heading of its top activations, "TOP ACTIVATIONS<br>MAX = 0.096": analysis's top value
+        heading = next(g['title'] for g in shown[str(j)]['tokenData'].values() if g['title'].startswith('TOP'))
+        assert float(re.search(r'MAX = ([\d.]+)', heading)[1]) == pytest.approx(top['values'][0, j].item(), abs=6e-4)

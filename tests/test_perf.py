@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import FINEWEB_SAMPLE, main_of, saved_sizes
+from conftest import DEVICES, FINEWEB_SAMPLE, main_of, saved_sizes
 from model import GPTConfig, MLP
 from toolkit import cpu_fast, fused_loss, memory, sparse_mlp
 
@@ -243,6 +243,18 @@ def test_saved_for_backward_counts_activations_not_the_autocast_copies_of_weight
     assert memory.saved_for_backward(lin.parameters(), forward, x, None, bf16) == x.numel() * 2
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_peak_memory_of_a_call_is_its_high_point_beyond_what_was_allocated_before(device):
+    mib = lambda: torch.ones(2**20 // 4, device=device)  # noqa: E731 (one MiB of float32)
+    before = mib()  # noqa: F841 (held through the call, and not counted)
+
+    def call():
+        a, b = mib(), mib()  # 2 MiB at once: the high point
+        del a, b
+        c = mib()  # noqa: F841 (1 MiB more, after those were freed)
+    assert memory.peak_memory(call, device) == pytest.approx(2 * 2**20, rel=0.01)
+
+
 BENCH_TINY = ("--n_layer=2 --n_head=2 --n_embd=32 --block_size=16 --batch_size=2 --topk=8 --n_nontopk=1 "
               "--train_iters=1 --warmup_iters=1 --mlp_tokens=64 --mlp_iters=1 --decode_prompt=8 "
               "--decode_new=8 --sparse_n_layer=2 --sparse_n_head=2 --sparse_n_embd=32 --sparse_prompt=4 "
@@ -280,9 +292,7 @@ def test_bench_runs_end_to_end(bench_run):
     for key in ("train_topk_over_dense", "anneal_over_dense", "kv_cache_speedup", "prepare_tokens_per_s") + (
             cpu_only if result["device"] == "cpu" else ()):
         assert isinstance(result[key], float) and math.isfinite(result[key]), key
-    # the memory ratio is the ratio of the two peaks it reports
-    assert result["peak_mem_topk_over_dense"] == pytest.approx(
-        result["peak_mib_topk"] / result["peak_mib_dense"], rel=1e-3)
+    assert result["peak_mib_dense"] > 0 and result["peak_mib_topk"] > 0  # the steps' allocations were seen
     assert result["kv_cache_same_tokens"]
     if result["device"] == "cpu":
         assert result["sparse_decode_same_tokens"] and result["sparse_decode_max_abs_diff"] < 1e-5

@@ -12,7 +12,8 @@ from torch.nn import functional as F
 
 from toolkit import neurons
 from toolkit.data import EOT, encode
-from toolkit.sweep import continuation_perplexity, pick_finalist, pick_scale, steer_and_score, steer_concept
+from toolkit.sweep import (continuation_perplexity, hit_pattern, pick_finalist, pick_scale, quality, steer_and_score,
+                           steer_concept)
 
 
 def test_fluency_is_exp_of_the_mean_next_token_loss_of_the_continuation(tiny_model):
@@ -31,6 +32,17 @@ def test_fluency_is_exp_of_the_mean_next_token_loss_of_the_continuation(tiny_mod
     loss = F.cross_entropy(logits[0, len(prompt) - 1:], seq[0, len(prompt):])
     assert continuation_perplexity(model, prompt, continuations[:1])[0].item() == pytest.approx(
         math.exp(loss.item()), rel=1e-5)
+
+
+def test_the_hit_rate_is_the_share_of_continuations_with_a_concept_word_in_any_case(tiny_model):
+    labelled = [(' The job', ' went well', False),  # in the prompt only: not counted
+                (' Anna', ' found a job.', True), (' Anna', ' lost her JOB', True),
+                (' Anna', ' had two jobs', False),  # a longer word, not the concept's
+                (' Anna', ' left the office', True)]
+    prompt_ids = [[EOT] + encode(prompt) for prompt, _, _ in labelled]
+    continuations = [torch.tensor([encode(text)]) for _, text, _ in labelled]
+    scored = quality(tiny_model(), prompt_ids, continuations, hit_pattern(['job', 'office']))
+    assert scored['hit_rate'] == pytest.approx(sum(hit for _, _, hit in labelled) / len(labelled))  # 3 / 5
 
 
 def test_steered_samples_are_scored_by_the_unsteered_model(tiny_model):
@@ -95,7 +107,6 @@ def test_steer_searches_a_concept_and_sweeps_the_strength_end_to_end(copied_runs
             'scale', 'signals', 'sweep', 'finalists'} == set(result)
     assert len(result['finalists']) == 4 and f"{result['layer']}:{result['neuron']}" in result['finalists']
     assert result['layer'] in (0, 1)  # a TopK layer
-    assert (4 * result['baseline_hit_rate']).is_integer()  # hits among 2 prompts x 2 samples
     scales = [s['scale'] for s in result['sweep']]  # the grid 1, 3 (3 unless 1 broke fluency), bisections between
     assert scales[0] == 1 and scales == sorted(scales) and all(1 < s <= 3 for s in scales[1:])
     assert result['scale'] in scales
