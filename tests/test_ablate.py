@@ -75,13 +75,15 @@ def test_a_run_made_with_other_flags_is_refused_not_replaced(ablation, tmp_path)
     assert fingerprint(tmp_path) == before
 
 
-def test_an_evaluation_with_other_settings_is_made_again(ablation, monkeypatch):
+def test_an_evaluation_with_other_settings_is_made_again(ablation, monkeypatch, tmp_path):
     out, *_ = ablation
+    run = tmp_path / "k16-s1"
+    shutil.copytree(out / "k16-s1", run)  # the study's own record stays as the other tests read it
     monkeypatch.setattr(ablate, "n_clusters", 3)
     monkeypatch.setattr(ablate, "eval_tokens", 500)
     monkeypatch.setattr(ablate, "entropy_tokens", 256)
-    assert ablate.evaluate(str(out / "k16-s1"))["settings"]["n_clusters"] == 3
-    assert json.loads((out / "k16-s1" / "evaluation.json").read_text())["settings"]["n_clusters"] == 3
+    assert ablate.evaluate(str(run))["settings"]["n_clusters"] == 3
+    assert json.loads((run / "evaluation.json").read_text())["settings"]["n_clusters"] == 3
 
 
 @pytest.mark.parametrize("a,b,sign,says", [
@@ -122,3 +124,20 @@ def test_a_learning_rate_arm_needs_the_configurations_learning_rate(tmp_path):
     with pytest.raises(SystemExit, match=r"c.py must set learning_rate and min_lr for an arm ending in -lrF"):
         main_of("toolkit.ablate", f"--config={tmp_path}/c.py", f"--out_dir={tmp_path}/out", "--arms=k16-lr2")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_records_of_a_study_rebuild_its_table_without_the_checkpoints(ablation, tmp_path):
+    out, *_, table = ablation
+    kept = tmp_path / "kept"
+    shutil.copytree(out, kept, ignore=shutil.ignore_patterns("ckpt.pt", "ablation.*"))
+    flags = [f if not f.startswith("--out_dir=") else f"--out_dir={kept}" for f in ablation_flags(out.parent)]
+    assert table in main_of("toolkit.ablate", *flags)  # nothing trained, nothing evaluated again
+    assert not list(kept.glob("*/ckpt.pt")) and (kept / "ablation.md").read_text() == table
+
+
+def test_a_record_without_its_checkpoint_is_not_evaluated_again_with_other_settings(ablation, tmp_path):
+    out, *_ = ablation
+    shutil.copytree(out / "k16-s1", tmp_path / "k16-s1", ignore=shutil.ignore_patterns("ckpt.pt"))
+    with pytest.raises(SystemExit, match=r"k16-s1/evaluation.json was made with .* cannot be made again"):
+        main_of("toolkit.ablate", *ablation_flags(out.parent)[:1], f"--out_dir={tmp_path}", "--arms=k16", "--seeds=1",
+                "--max_iters=2", "--warmup_iters=1", "--eval_tokens=600")

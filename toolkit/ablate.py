@@ -118,19 +118,29 @@ def arm_flags(arm, seed):
 
 
 def trained(arm, seed, run):
-    """Whether run holds a finished run of this arm and seed. A run that stopped early is trained
-    again; one made with other flags is refused, not replaced (the configuration file's own values
-    are not compared)."""
-    path = os.path.join(run, 'ckpt.pt')
-    if not os.path.isfile(path):
+    """Whether run holds a finished run of this arm and seed: its ckpt.pt, or without it the record
+    its evaluation left (evaluation.json, with train.log: all the tables need, so that a study's
+    records can be kept and its tables rebuilt without the checkpoints). A run that stopped early is
+    trained again; one made with other flags is refused, not replaced (the configuration file's own
+    values are not compared)."""
+    path, record = os.path.join(run, 'ckpt.pt'), os.path.join(run, 'evaluation.json')
+    if os.path.isfile(path):
+        ckpt = load_checkpoint(path)
+        config, iters = ckpt['config'], ckpt['iter_num']
+    elif os.path.isfile(record):
+        with open(record) as f:
+            kept = json.load(f)
+        if 'config' not in kept:  # a record older than the records that stand for their run
+            return False
+        config, iters = kept['config'], kept['iter_num']
+    else:
         return False
-    ckpt = load_checkpoint(path)
     wanted = dict(f[2:].split('=', 1) for f in arm_flags(arm, seed))  # later flags win, as in train.py
     for k, v in wanted.items():
-        if str(ckpt['config'].get(k)) != v:
-            die(f"{run} holds a run with {k}={ckpt['config'].get(k)}, not the {v} of arm {arm}, seed {seed}: "
+        if str(config.get(k)) != v:
+            die(f"{run} holds a run with {k}={config.get(k)}, not the {v} of arm {arm}, seed {seed}: "
                 "give another --out_dir, or remove that run")
-    return ckpt['iter_num'] == max_iters
+    return iters == max_iters
 
 
 def train(arm, seed, run):
@@ -154,14 +164,18 @@ def frequency_rank(data):
 
 
 def evaluate(run):
-    """The run's numbers, cached in run/evaluation.json against its ckpt.pt (size, time)."""
-    path, stamp = os.path.join(run, 'evaluation.json'), file_stamp(os.path.join(run, 'ckpt.pt'))
+    """The run's numbers, cached in run/evaluation.json against its ckpt.pt (size, time); without a
+    ckpt.pt, the record there stands for the run if it was made with these settings."""
+    path, ckpt_path = os.path.join(run, 'evaluation.json'), os.path.join(run, 'ckpt.pt')
     settings = dict(eval_tokens=eval_tokens, entropy_tokens=entropy_tokens, top_m=top_m, n_clusters=n_clusters)
     if os.path.isfile(path):
         with open(path) as f:
             cached = json.load(f)
-        if cached.get('stamp') == stamp and cached.get('settings') == settings:
+        if cached.get('settings') == settings and (not os.path.isfile(ckpt_path) or cached.get('stamp') == file_stamp(ckpt_path)):
             return cached
+        if not os.path.isfile(ckpt_path):
+            die(f"{run}/evaluation.json was made with {cached.get('settings')}, not {settings}, and without "
+                f"{run}/ckpt.pt it cannot be made again: give those settings, or remove {run} to train it again")
     model, ckpt = load_model(run)
     cpu_fast_paths(model)
     data, block = ckpt['config']['data_dir'], model.config.block_size
@@ -176,7 +190,8 @@ def evaluate(run):
     cluster_of = semantic_clusters(model.transformer.wte.weight.detach(), tokens, n_clusters, 1337)
     layers = list(range(model.config.n_layer))
     _, tables = analyse(model, tokens, layers, top_m, cluster_of)
-    result = dict(stamp=stamp, settings=settings, val_loss=ce, ppl=math.exp(ce), ce_by_rank=by_rank,
+    result = dict(stamp=file_stamp(ckpt_path), settings=settings, config=ckpt['config'], iter_num=ckpt['iter_num'],
+                  val_loss=ce, ppl=math.exp(ce), ce_by_rank=by_rank,
                   topk_layers=topk_layers(model.config.n_layer, model.config.topk, model.config.n_nontopk),
                   layers=[dict(token_entropy=mean_over_firing(t['h_tok']), semantic_entropy=mean_over_firing(t['h_sem']),
                                dead_fraction=t['dead'].float().mean().item()) for t in tables.values()])
