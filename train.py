@@ -5,6 +5,7 @@ One process:    python train.py config/train_toy.py --max_iters=500
 Several GPUs:   torchrun --standalone --nproc_per_node=8 train.py config/train_fineweb_edu.py
 See every key:  python train.py --help
 """
+import gc
 import glob
 import math
 import os
@@ -19,7 +20,7 @@ from configurator import configure, die
 from model import GPT, GPTConfig, SCHEDULES, annealed_alpha, annealing_span
 from toolkit.common import autocast, device_facts, keep_freed_memory, peak_flops, resolve_device, resolve_dtype, save_checkpoint
 from toolkit.cpu_fast import enable as cpu_fast_paths
-from toolkit.data import VOCAB_SIZE, read_shard, shard_paths
+from toolkit.data import VOCAB_SIZE, load_splits
 from toolkit.pretrained import SHAPE, start_from
 
 # -----------------------------------------------------------------------------
@@ -178,13 +179,7 @@ anneal_span = annealing_ratio * max_iters
 if checkpoint is not None:
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
     anneal_span = annealing_span(checkpoint)
-# the shards (batch_at's) are checked against the vocabulary the run has: other weights may have fewer tokens
-splits = {s: [read_shard(p, model_args['vocab_size']) for p in shard_paths(data_dir, s)] for s in ('train', 'val')}
-for s, shards in splits.items():
-    longest = max(len(t) for t in shards)
-    if longest <= block_size:
-        die(f"--block_size={block_size} needs shards longer than it, "
-            f"but the longest {s} shard in {data_dir} has {longest} tokens")
+splits = load_splits(data_dir, model_args['vocab_size'], block_size)  # other weights may have fewer tokens
 try:
     model = GPT(GPTConfig(**model_args))
 except ValueError as e:
@@ -326,6 +321,10 @@ while True:
             line += f", mfu {100 * flops_per_iter * log_interval / dt / (peak * world_size):.1f}%"
         print(line, flush=True)
 
-if ddp:  # wait for the master's last save: a rank tearing gloo down while another still holds its
-    dist.barrier()  # connections can abort at exit ("terminate called without an active exception")
+if ddp:
+    # DDP's reducer keeps the process group and gloo's threads alive past destroy_process_group; freed at
+    # interpreter exit, a gloo thread needing the GIL gets pthread_exit, whose unwinding ends in SIGABRT
+    dist.barrier()  # the master's last save is done
+    del model, eval_model, raw_model, optimizer
+    gc.collect()
     dist.destroy_process_group()

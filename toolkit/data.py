@@ -133,6 +133,18 @@ def read_shard(path, vocab_size=None):
     return tokens
 
 
+def load_splits(data_dir, vocab_size, block_size):
+    """{'train': [shard, ...], 'val': [...]} of data_dir, memory-mapped, every token id checked against
+    the vocabulary, and each split with a shard longer than block_size (where a window fits)."""
+    splits = {s: [read_shard(p, vocab_size) for p in shard_paths(data_dir, s)] for s in ('train', 'val')}
+    for s, shards in splits.items():
+        longest = max(len(t) for t in shards)
+        if longest <= block_size:
+            die(f"--block_size={block_size} needs shards longer than it, "
+                f"but the longest {s} shard in {data_dir} has {longest} tokens")
+    return splits
+
+
 def shard_paths(data_dir, split):
     """The shards of a split: .bin files whose names contain 'train' or 'val', in name order."""
     if not os.path.isdir(data_dir):
