@@ -203,8 +203,8 @@ raw_model = model
 if compile and facts['compile']:
     model = torch.compile(model)
 eval_model = model  # every rank evaluates its share of the batches, outside DDP's gradient hooks
-if ddp:  # alpha is set alike on every rank: no buffers to broadcast
-    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None, broadcast_buffers=False)
+if ddp:  # alpha, the one buffer, is broadcast from rank 0 at each forward: one scalar, the same on every rank
+    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
 
 
 def get_lr(it):

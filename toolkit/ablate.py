@@ -6,7 +6,8 @@ The paper's ablations, with error bars over seeds, on one short real-English con
     python -m toolkit.ablate --n_layer=8 --arms=nontopk0,nontopk2,nontopk2-lr0.5,nontopk2-lr2
 
 Every arm x seed is a train.py run into OUT_DIR/ARM-sSEED (kept: a second call trains only what is
-missing), evaluated here on the same validation tokens. Within a seed every arm sees the same
+missing), evaluated here on the same validation tokens. Its evaluation.json and train.log are all
+the tables need: kept without the checkpoints, they rebuild the tables as they were. Within a seed every arm sees the same
 training tokens, since train.py's batches follow from (seed, iteration). The arms (ARMS) change one
 thing each against k16, the TopK LM of k 16 (of 512 in the default configuration), n_nontopk 1 and
 linear annealing, set by flags whatever the configuration says: the dense twin, n_nontopk 0 and 2,
