@@ -5,10 +5,10 @@ One process:    python train.py config/train_toy.py --max_iters=500
 Several GPUs:   torchrun --standalone --nproc_per_node=8 train.py config/train_fineweb_edu.py
 See every key:  python train.py --help
 """
-import gc
 import glob
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -322,9 +322,12 @@ while True:
         print(line, flush=True)
 
 if ddp:
-    # DDP's reducer keeps the process group and gloo's threads alive past destroy_process_group; freed at
-    # interpreter exit, a gloo thread needing the GIL gets pthread_exit, whose unwinding ends in SIGABRT
     dist.barrier()  # the master's last save is done
-    del model, eval_model, raw_model, optimizer
-    gc.collect()
     dist.destroy_process_group()
+    # DDP leaves references to the process group in C++ that outlive it, so gloo's worker and socket
+    # threads outlive destroy_process_group; one that needs the GIL while Python finalizes is ended by
+    # pthread_exit, whose unwinding aborts ("terminate called without an active exception"). Everything
+    # is written and flushed: leave without finalizing.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
