@@ -140,3 +140,22 @@ def test_a_neuron_promotes_the_token_its_decoder_column_points_at(tiny_model):
     with torch.no_grad():
         model.transformer.h[1].mlp.c_proj.weight[:, j] = 0.5 * model.lm_head.weight[C]
     assert neurons.promoted_tokens(model, 1, j)[0] == C
+
+
+def test_each_row_of_a_batch_is_steered_as_it_would_be_alone(tiny_model):
+    model, x = tiny_model(), torch.randint(0, 1000, (4, 16))
+    rows = [(0, 5, 3.0), None, (1, 2, -1.0), (0, 7, 0.0)]  # two layers, a baseline row, an ablation
+    with neurons.steering_rows(model, rows):
+        together, _ = model(x)
+    for i, row in enumerate(rows):
+        layer, neuron, value = row or (0, 5, None)  # the baseline: hooked, unchanged
+        with neurons.steering(model, layer, neuron, value):
+            alone, _ = model(x[i:i + 1])
+        torch.testing.assert_close(together[i:i + 1], alone, rtol=0, atol=1e-5)
+    assert not torch.allclose(together[0], together[1], atol=1e-3)  # the steering did change row 0
+
+
+def test_rows_that_do_not_match_the_batch_are_refused(tiny_model):
+    model, x = tiny_model(), torch.randint(0, 1000, (3, 16))
+    with neurons.steering_rows(model, [(0, 5, 3.0), None]), pytest.raises(ValueError, match="2 rows given for a batch of 3"):
+        model(x)

@@ -101,17 +101,48 @@ def steering(model, layer, neuron, value):
     leaves it as it is, but like any hook sends the block through the reference path (see
     sparse_mlp.applies): a baseline run that way differs from a steered one by the steering
     alone, not by float rounding."""
-    def hook(module, inp, out):
-        if value is None:
-            return None  # a hook that returns None keeps the module's output
-        out = out.clone()
-        out[..., neuron] = value
-        return out  # a hook's return value replaces the module's output
-    handle = mlp_acts(model)[layer].register_forward_hook(hook)
+    with steering_rows(model, [(layer, neuron, value)]):
+        yield
+
+
+@contextlib.contextmanager
+def steering_rows(model, rows):
+    """Steer each row of a batch its own way: rows[i] is (layer, neuron, value) for row i, or None
+    to leave row i alone; a list of one entry steers every row alike (steering's case). So one
+    forward or generate call carries a baseline, every strength and every candidate neuron at
+    once. A hooked layer takes every row through the reference path, so a row left alone there is
+    the baseline of its steered neighbours, not a rounding away from it."""
+    per_layer = {}
+    for i, row in enumerate(rows):
+        if row is not None:
+            per_layer.setdefault(row[0], []).append((i, row[1], row[2]))
+
+    def hook_of(entries):
+        kept = [(i, j, v) for i, j, v in entries if v is not None]
+        which = torch.tensor([i for i, _, _ in kept], dtype=torch.long)
+        neuron = torch.tensor([j for _, j, _ in kept], dtype=torch.long)
+        values = torch.tensor([v for _, _, v in kept], dtype=torch.float32)
+
+        def hook(module, inp, out):
+            if not kept:
+                return None  # a hook that returns None keeps the module's output
+            if len(rows) > 1 and out.size(0) != len(rows):
+                raise ValueError(f"steering_rows: {len(rows)} rows given for a batch of {out.size(0)}")
+            out = out.clone()
+            v = values.to(out.device, out.dtype)
+            if len(rows) == 1:
+                out[..., neuron[0]] = v[0]
+            else:  # row which[r], every position, its own neuron[r]
+                out[which.to(out.device), :, neuron.to(out.device)] = v[:, None]
+            return out  # a hook's return value replaces the module's output
+        return hook
+    acts = mlp_acts(model)
+    handles = [acts[l].register_forward_hook(hook_of(entries)) for l, entries in per_layer.items()]
     try:
         yield
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
 
 
 @torch.no_grad()
