@@ -110,7 +110,7 @@ def resolve_device(device):
     """'auto' is CUDA, else Apple's MPS, else the CPU, whichever this machine has first."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    device_facts(device)
+    device_facts(device)  # a kind the table knows
     present = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if not present[device.split(":")[0]]:
         die(f"--device={device}, but torch finds no such device here (--device=auto takes what there is)")

@@ -169,7 +169,7 @@ def resumed_checkpoint(ckpt_path, model_args, config, given):
         die(f"{ckpt_path} cannot be resumed from: it has no {', '.join(sorted(missing))}")
     # the model's shape, and alpha's path: another would make alpha jump, and trained_alpha misread the run
     was_args, was_config = checkpoint['model_args'], checkpoint['config']
-    shape = {k: was_args.get(k) for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'topk', 'n_nontopk')}
+    shape = {k: was_args.get(k) for k in SHAPE + ('block_size', 'topk', 'n_nontopk')}
     saved = dict(shape, annealing_schedule=was_config.get('annealing_schedule', 'linear'),
                  annealing_ratio=was_config.get('annealing_ratio'))
     for k, was in saved.items():
