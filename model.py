@@ -263,10 +263,12 @@ class GPT(nn.Module):
         return 6 * self.get_num_params() + 12 * cfg.n_layer * cfg.block_size * cfg.n_embd
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, generators=None):
         """Sample max_new_tokens continuations of idx (B, T). With use_cache, keys and values
         are kept so each step runs one token; past block_size it falls back to re-running
-        the last block_size tokens, as without cache (positions are absolute)."""
+        the last block_size tokens, as without cache (positions are absolute). generators: one
+        torch.Generator per equal block of consecutive rows, so a block draws what it would draw
+        alone from its generator whatever rows sit beside it; None: torch's global generator."""
         cache = None
         for _ in range(max_new_tokens):
             if idx.size(1) > self.config.block_size:
@@ -285,11 +287,19 @@ class GPT(nn.Module):
             else:
                 logits = logits / temperature
                 if top_k is None:
-                    idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+                    idx_next = draw(F.softmax(logits, dim=-1), generators)
                 else:  # draw among the top_k only: multinomial's cost grows with the candidates (on CPU it
                     # was most of a small model's decoding step over 50k tokens)
                     v, ix = torch.topk(logits, min(top_k, logits.size(-1)))
-                    idx_next = ix.gather(-1, torch.multinomial(F.softmax(v, dim=-1), num_samples=1))
+                    idx_next = ix.gather(-1, draw(F.softmax(v, dim=-1), generators))
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
 
+
+def draw(probs, generators=None):
+    """One token per row of probs (B, V): from torch's global generator, or block by block of rows
+    from generators (one per equal block)."""
+    if generators is None:
+        return torch.multinomial(probs, num_samples=1)
+    blocks = probs.view(len(generators), -1, probs.size(-1))
+    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(blocks, generators)])

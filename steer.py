@@ -10,8 +10,10 @@ ranked by a steering trial; the --n_finalists best are each swept here. Hit rate
 of samples whose continuation holds a concept word (whole word, any case). Fluency: each
 continuation's perplexity under the unsteered model, averaged. Without --scale or --value the
 strength is swept over --scales from the weakest up to the first past --max_ppl_ratio x the
-baseline's perplexity (all of them with --full_sweep=True), then --refine more strengths are tried
-by bisection where fluency breaks; the best hit rate within the bound is kept. The last output
+baseline's perplexity (all of them with --full_sweep=True; if the strongest is still fluent, it is
+doubled while fluent up to --max_scale), then --refine more strengths are tried by bisection where
+fluency breaks; the best hit rate within the bound is kept. The finalists are swept side by side,
+each round of strengths sampled as one batch. The last output
 line is one JSON object. The sweep is toolkit/sweep.py, and its steer_concept() is the same search
 and sweep as a call (sae.py uses it).
 """
@@ -26,7 +28,7 @@ from toolkit.data import decode, encode_prompt
 from toolkit.dictionary import attach_file
 from toolkit.neurons import collect, contexts_text, decoder_directions, is_topk, run_eval_tokens
 from toolkit.search import concept_search, concept_token_ids, concept_words, trial_strength
-from toolkit.sweep import PROMPTS, SCALES, hit_pattern, plot_sweep, steer_finalists
+from toolkit.sweep import MAX_SCALE, PROMPTS, SCALES, hit_pattern, plot_sweep, steer_finalists
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the run to steer (its ckpt.pt), or a checkpoint file
@@ -39,6 +41,7 @@ scales = ','.join(map(str, SCALES))  # the strengths swept when neither --scale 
 max_ppl_ratio = 2.0  # the sweep keeps strengths whose steered perplexity is at most this times the baseline's
 refine = 3  # with a sweep: strengths tried by bisection where fluency breaks, between the last fluent scale and the next
 full_sweep = False  # with a sweep: sample every scale; False stops at the first scale past the fluency bound
+max_scale = float(MAX_SCALE)  # with a sweep: while the strongest scale is fluent, double it up to this; 0 = stop
 plot = False  # with a sweep: write hit rate and perplexity against scale to OUT_DIR/analysis/steering_L_J.png
 prompts = '|'.join(PROMPTS)  # neutral prompts, separated by |
 num_samples = 10  # samples per prompt, baseline and steered each
@@ -63,6 +66,8 @@ for flag, v in (('max_new_tokens', max_new_tokens), ('num_samples', num_samples)
         die(f"--{flag} must be at least 1, got {v}")
 if refine < 0:
     die(f"--refine must be at least 0, got {refine}")
+if max_scale < 0:
+    die(f"--max_scale must be at least 0 (0: no doubling past --scales), got {max_scale}")
 if not max_ppl_ratio > 0:
     die(f"--max_ppl_ratio must be positive, got {max_ppl_ratio}")
 try:
@@ -120,7 +125,7 @@ strengths = [value] if absolute else [scale] if not math.isnan(scale) else sweep
 settings = dict(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
 pattern = hit_pattern(words) if words else None
 results, win = steer_finalists(model, finalists, strengths, prompt_ids, pattern, settings, refine, max_ppl_ratio,
-                               full_sweep)
+                               full_sweep, max_scale if strengths is sweep_scales else 0)
 
 
 def quality_text(r, with_hits):

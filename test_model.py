@@ -230,6 +230,16 @@ def test_top_k_sampling_draws_only_among_the_k_likeliest_tokens(tiny_model):
     assert torch.equal(model.generate(torch.zeros(4, 3, dtype=torch.long), max_new_tokens=6, top_k=1), greedy)
 
 
+def test_a_block_of_rows_with_its_own_generator_draws_what_it_draws_alone(tiny_model):
+    model, prompt = tiny_model(**SMALL_VOCAB), torch.zeros(3, 2, dtype=torch.long)
+    gen = lambda seed: torch.Generator().manual_seed(seed)
+    together = model.generate(torch.cat([prompt, prompt + 1]), 8, temperature=1.0, generators=[gen(5), gen(6)])
+    assert torch.equal(together[:3], model.generate(prompt, 8, temperature=1.0, generators=[gen(5)]))
+    assert torch.equal(together[3:], model.generate(prompt + 1, 8, temperature=1.0, generators=[gen(6)]))
+    torch.manual_seed(5)  # a generator seeded s draws what torch's global one does after manual_seed(s)
+    assert torch.equal(together[:3], model.generate(prompt, 8, temperature=1.0))
+
+
 @pytest.mark.parametrize("bad, message", [
     (dict(topk=129), "topk must be in [0, d_ff = 4 * n_embd = 128]"),
     (dict(n_nontopk=4), "n_nontopk must be in [0, n_layer = 3]"),

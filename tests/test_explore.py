@@ -100,6 +100,18 @@ def test_requests_at_once_each_give_the_text_they_give_alone(ex, a, b):
     assert together == alone
 
 
+def test_a_suggested_strength_is_the_sweeps_fluent_pick(ex, a):
+    r = ex.fluent_strength('Anna saw the', a, 7)
+    assert r['neuron'] == a and r['hit_rate'] is None  # a neuron, no concept: the strongest fluent strength
+    assert r['ratio'] <= 2 and r['scale'] > 0
+    assert ex.fluent_strength('Anna saw the', a, 7) is r  # kept: asking again costs nothing
+
+
+def test_document_breaks_show_as_breaks_and_concept_words_are_marked():
+    page = explore.highlighted('a job.<|endoftext|>Next <b>', ['job'])
+    assert page == "a <mark>job</mark>.<hr class='eot' title='end of a document'>Next &lt;b&gt;"
+
+
 def test_a_neuron_page_shows_its_contexts_and_its_formation(ex):
     j = int(ex.tables[1]['freq'].argmax())
     page = ex.neuron(f'1:{j}')
@@ -170,12 +182,16 @@ def test_the_page_steers_in_a_real_browser(ex, a):
             page.goto(f'http://127.0.0.1:{port}/')
             page.fill('#prompt textarea', 'Anna saw the')
             page.fill('#target textarea', a)
-            page.fill('#strength textarea', '20')
-            page.fill('#n_tokens textarea', '12')
-            page.fill('#seed textarea', '7')
+            page.fill('#strength input', '20')
+            page.fill('#n_tokens input', '12')
+            page.fill('#seed input', '7')
             page.click('#steer')
             page.wait_for_selector('#steered', timeout=60_000)
             baseline, steered = page.inner_text('#baseline'), page.inner_text('#steered')
+            labels = page.inner_text('#steer-output')
+            page.click('#suggest')
+            page.wait_for_selector('#suggested', timeout=60_000)
+            suggested, offered = page.inner_text('#suggested'), page.input_value('#strength input')
             page.fill('#target textarea', '0:999')
             page.click('#steer')
             page.wait_for_selector('.error', timeout=60_000)
@@ -187,3 +203,6 @@ def test_the_page_steers_in_a_real_browser(ex, a):
     assert baseline and steered and baseline != steered
     assert (baseline, steered) == (expected['baseline'], expected['steered'])
     assert 'neuron 999 out of range' in error
+    assert labels.index('Baseline (unsteered)') < labels.index('Steered')
+    fluent = ex.fluent_strength('Anna saw the', a, 7)
+    assert float(offered) == fluent['scale'] and f"strength {fluent['scale']:g}" in suggested

@@ -37,3 +37,17 @@ def test_the_finalists_are_each_layers_best_then_the_next_best():
     assert pick(3) == [(0, 5), (2, 1), (1, 3)]
     assert pick(4) == [(0, 5), (2, 1), (1, 3), (0, 6)]
     assert pick(2) == [(0, 5), (2, 1)]
+
+
+def test_the_batched_trial_gives_each_steering_the_probability_it_gives_alone(tiny_model):
+    model, (tokens, ids) = tiny_model(), concept_data()
+    rows, ids = tokens[:3], torch.as_tensor(ids)
+    entries = [(0, 3, 2.0), (1, 17, 5.0), None, (0, 9, 0.5)]
+    together = search.concept_probabilities(model, rows, ids, entries, positions=200)  # two copies a pass
+    for entry, p in zip(entries, together):
+        with neurons.steering_rows(model, [entry]):
+            probs = model.logits(rows[:, :-1]).softmax(-1)[..., ids].sum(-1)
+        assert p == pytest.approx(probs.mean().item(), rel=1e-4)
+        strided, = search.concept_probabilities(model, rows, ids, [entry], stride=3)
+        assert strided == pytest.approx(probs[:, 2::3].mean().item(), rel=1e-4)  # every third position
+    assert len(set(together)) == len(entries)

@@ -12,8 +12,8 @@ from torch.nn import functional as F
 
 from toolkit import neurons
 from toolkit.data import EOT, encode
-from toolkit.sweep import (continuation_perplexity, hit_pattern, pick_finalist, pick_scale, quality, steer_and_score,
-                           steer_concept)
+from toolkit.sweep import (continuation_perplexity, hit_pattern, pick_finalist, pick_scale, qualities, sample_sets,
+                           steer_concept, sweep_finalists, sweep_plan)
 
 
 def test_fluency_is_exp_of_the_mean_next_token_loss_of_the_continuation(tiny_model):
@@ -41,14 +41,14 @@ def test_the_hit_rate_is_the_share_of_continuations_with_a_concept_word_in_any_c
                 (' Anna', ' left the office', True)]
     prompt_ids = [[EOT] + encode(prompt) for prompt, _, _ in labelled]
     continuations = [torch.tensor([encode(text)]) for _, text, _ in labelled]
-    scored = quality(tiny_model(), prompt_ids, continuations, hit_pattern(['job', 'office']))
+    scored, = qualities(tiny_model(), prompt_ids, [continuations], hit_pattern(['job', 'office']))
     assert scored['hit_rate'] == pytest.approx(sum(hit for _, _, hit in labelled) / len(labelled))  # 3 / 5
 
 
 def test_steered_samples_are_scored_by_the_unsteered_model(tiny_model):
     model, prompt_ids, j = tiny_model(), [[EOT] + encode(' Anna saw')], 5
     settings = dict(num_samples=3, max_new_tokens=6, temperature=1.0, top_k=0, seed=0)
-    base, sweep = steer_and_score(model, dict(layer=0, neuron=j, peak=None), [8.0], prompt_ids, None, settings)
+    base, (sweep,) = sweep_finalists(model, [dict(layer=0, neuron=j, peak=None)], [8.0], prompt_ids, None, settings)
     continuations = sweep[0]['continuations'][0]
     unsteered = continuation_perplexity(model, prompt_ids[0], continuations).mean().item()
     assert sweep[0]['ppl'] == pytest.approx(unsteered, rel=1e-6)
@@ -56,6 +56,61 @@ def test_steered_samples_are_scored_by_the_unsteered_model(tiny_model):
         assert continuation_perplexity(model, prompt_ids[0], continuations).mean().item() != pytest.approx(
             unsteered, rel=1e-3)
     assert base['hit_rate'] is None and not torch.equal(base['continuations'][0], continuations)
+
+
+def scales_tried(plan, ppl):
+    """Drive a sweep_plan with rows whose perplexity is ppl(scale); the scales of the sweep it returns."""
+    s = next(plan)
+    try:
+        while True:
+            s = plan.send(dict(scale=s, ppl=ppl(s)))
+    except StopIteration as done:
+        return [r['scale'] for r in done.value]
+
+
+def test_the_sweep_doubles_past_the_grid_while_fluent_up_to_max_scale():
+    breaks_at_7 = lambda s: 5.0 if s < 7 else 20.0  # fluent (bound 10) below scale 7
+    assert scales_tried(sweep_plan([1, 2], 10, 0, False, 16), breaks_at_7) == [1, 2, 4, 8]
+    # then bisection between the last fluent doubling and the first that is not
+    assert scales_tried(sweep_plan([1, 2], 10, 2, False, 16), breaks_at_7) == [1, 2, 4, 6, 7, 8]
+    assert scales_tried(sweep_plan([1, 2], 10, 0, False, 16), lambda s: 5.0) == [1, 2, 4, 8, 16]  # the cap
+    assert scales_tried(sweep_plan([1, 2], 10, 0, False, 0), lambda s: 5.0) == [1, 2]  # 0: the grid's top
+    # a grid that breaks fluency before its top is not extended
+    assert scales_tried(sweep_plan([1, 2, 8], 10, 0, True, 64), breaks_at_7) == [1, 2, 8]
+
+
+def test_each_set_sampled_in_a_batch_is_the_set_it_gives_alone(tiny_model):
+    model, prompt_ids = tiny_model(), [[EOT] + encode(' Anna saw'), [EOT]]
+    settings = dict(num_samples=3, max_new_tokens=6, temperature=1.0, top_k=0, seed=0)
+    entries = [None, (0, 5, 8.0), (1, 7, 4.0), (0, 5, 2.0)]
+    together = sample_sets(model, prompt_ids, entries, **settings)
+    for entry, sets in zip(entries, together):
+        alone, = sample_sets(model, prompt_ids, [entry], **settings)
+        assert all(torch.equal(a, b) for a, b in zip(sets, alone))
+    assert not torch.equal(together[0][0], together[1][0])  # the steering shows
+
+
+def test_finalists_swept_side_by_side_are_swept_as_alone(tiny_model):
+    """The planted neuron (below) flips greedy tokens only when pushed hard: its sweep bisects
+    where fluency (max_ratio 1 + 1e-6) breaks; a neuron of layer 0 that writes nothing stays
+    fluent and is doubled to max_scale. Swept together, each gives the rows it gives alone."""
+    model, j = planted_neuron(tiny_model())
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_proj.weight[:, 5] = 0
+    prompt_ids = [[EOT] + encode(' Anna saw'), [EOT]]
+    settings = dict(num_samples=2, max_new_tokens=6, temperature=0, top_k=0, seed=3)
+    finalists = [dict(layer=1, neuron=j, peak=None), dict(layer=0, neuron=5, peak=None)]
+    sweep_of = lambda fs: sweep_finalists(model, fs, [1e-4, 50.0], prompt_ids, None, settings, refine=3,
+                                          max_ratio=1 + 1e-6, full_sweep=False, max_scale=400)
+    base, sweeps = sweep_of(finalists)
+    for f, sweep in zip(finalists, sweeps):
+        base_alone, (alone,) = sweep_of([f])
+        assert base['ppl'] == pytest.approx(base_alone['ppl'], rel=1e-5)
+        assert [r['scale'] for r in sweep] == [r['scale'] for r in alone]
+        assert all(torch.equal(r['continuations'][i], a['continuations'][i]) for r, a in zip(sweep, alone)
+                   for i in range(2))
+    assert len(sweeps[0]) == 5 and 1e-4 < sweeps[0][1]['scale'] < 50.0  # bisected
+    assert [r['scale'] for r in sweeps[1]] == [1e-4, 50.0, 100.0, 200.0, 400.0]  # doubled
 
 
 def test_the_sweep_keeps_the_best_hit_rate_among_fluent_strengths():
@@ -86,7 +141,7 @@ def test_steer_concept_has_the_command_lines_defaults(run_main):
     flags = {'prompts': flag('prompts').split('|'), 'scales': [float(s) for s in flag('scales').split(',')],
              **{k: flag(k) for k in ('num_samples', 'max_new_tokens', 'temperature', 'top_k', 'seed', 'top_m',
                                      'candidates', 'n_finalists', 'max_ppl_ratio', 'refine', 'full_sweep',
-                                     'batch_size')}}
+                                     'batch_size', 'max_scale')}}
     defaults = {k: p.default for k, p in inspect.signature(steer_concept).parameters.items()
                 if p.default is not inspect.Parameter.empty}
     assert {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()} == flags
@@ -100,7 +155,7 @@ def test_steer_searches_a_concept_and_sweeps_the_strength_end_to_end(copied_runs
     topk = copied_runs / "topk"
     printed = run_main('steer.py', f'--out_dir={topk}', '--concept=job office salary', '--num_samples=2',
                        '--max_new_tokens=8', '--prompts=The|Anna saw', '--eval_tokens=2048', '--scales=1,3',
-                       '--plot=True')
+                       '--max_scale=0', '--plot=True')
     lines = printed.strip().splitlines()
     result = json.loads(lines[-1])
     assert {'layer', 'neuron', 'value', 'baseline_hit_rate', 'steered_hit_rate', 'baseline_ppl', 'steered_ppl',
@@ -151,8 +206,8 @@ def test_refinement_bisects_between_the_grid_points_that_bracket_the_fluency_bou
     model, j = planted_neuron(tiny_model())
     prompt_ids = [[EOT] + encode(' Anna saw')]
     settings = dict(num_samples=1, max_new_tokens=6, temperature=0, top_k=0, seed=0)
-    base, sweep = steer_and_score(model, dict(layer=1, neuron=j, peak=None), [1e-4, 50.0], prompt_ids, None, settings,
-                                  refine=4, max_ratio=1 + 1e-6)
+    base, (sweep,) = sweep_finalists(model, [dict(layer=1, neuron=j, peak=None)], [1e-4, 50.0], prompt_ids, None,
+                                     settings, refine=4, max_ratio=1 + 1e-6)
     assert torch.equal(sweep[0]['continuations'][0], base['continuations'][0])  # 1e-4: no token flips
     assert not torch.equal(sweep[-1]['continuations'][0], base['continuations'][0])  # 50: some do
     refined = [r['scale'] for r in sweep[1:-1]]
@@ -172,7 +227,8 @@ def test_the_sweep_stops_at_the_first_strength_past_the_fluency_bound_unless_ask
     settings = dict(num_samples=1, max_new_tokens=6, temperature=0, top_k=0, seed=0)
     grid = [100.0, 1e-4, 50.0]  # in any order: tried from the weakest up
     target = dict(layer=1, neuron=j, peak=None)
-    _, stopped = steer_and_score(model, target, grid, prompt_ids, None, settings, max_ratio=1 + 1e-6, full_sweep=False)
-    _, full = steer_and_score(model, target, grid, prompt_ids, None, settings, max_ratio=1 + 1e-6)
+    _, (stopped,) = sweep_finalists(model, [target], grid, prompt_ids, None, settings, max_ratio=1 + 1e-6,
+                                    full_sweep=False)
+    _, (full,) = sweep_finalists(model, [target], grid, prompt_ids, None, settings, max_ratio=1 + 1e-6)
     assert [r['scale'] for r in stopped] == [1e-4, 50.0] and [r['scale'] for r in full] == [1e-4, 50.0, 100.0]
     assert [r['ppl'] for r in stopped] == [r['ppl'] for r in full[:2]]  # the same rows, one fewer sampled

@@ -6,15 +6,16 @@ find neurons by a token or by typed text. A local Gradio app, the Hugging Face S
     python -m toolkit.explore --out_dir=out-toy                  # prints http://127.0.0.1:7860
     python -m toolkit.explore --out_dir=out-toy-dense            # the dense twin, read the same way
     python -m toolkit.explore --out_dir=out-toy-dense --dictionary=out-toy-dense/sae/sae_layer0.pt
-    python -m toolkit.explore --out_dir=out-toy --bench=True     # start, steering and search times, no server
+    python -m toolkit.explore --out_dir=out-toy --bench=True     # start, steering, search, suggestion times
 
 The statistics every page reads (steer.py's and analysis.py's: top activations, firing, and the
 activation mass per token id, from which any concept's reads and predicts signals follow without
 another pass) are computed once per run and cached in OUT_DIR/analysis/explore_cache.pt. A
 concept is searched as steer.py searches (its candidates from reads, predicts and writes, ranked
 by the one-step trial); the app steers the trial's best at the strength asked for, without
-steer.py's sweep. Steering is a forward hook on the one shared model, so requests take turns:
-each gives exactly the text it gives alone.
+steer.py's sweep; a button runs that sweep on a small sample (the page's prompt, 8 samples of 40
+tokens) and offers the fluent strength it keeps, with its perplexity ratio. Steering is a forward
+hook on the one shared model, so requests take turns: each gives exactly the text it gives alone.
 """
 import html
 import math
@@ -31,11 +32,12 @@ from model import trained_alpha
 from toolkit.analysis import neuron_blocks, neuron_table, semantic_clusters, top_token_ids
 from toolkit.common import load_model, run_checkpoints, run_folder
 from toolkit.cpu_fast import enable as cpu_fast_paths
-from toolkit.data import atomic_write, decode, encode, encode_prompt, file_stamp
+from toolkit.data import EOT, atomic_write, decode, encode, encode_prompt, file_stamp
 from toolkit.dictionary import attach_file
-from toolkit.neurons import capture, collect, concept_stats, is_topk, parse_neuron, reads, run_eval_tokens
-from toolkit.search import concept_candidates, concept_token_ids, concept_words, pick_finalists, trial_strength
-from toolkit.sweep import continuation_perplexity, hit_pattern, sample_continuations
+from toolkit.neurons import capture, collect, concept_stats, is_topk, logit_spread, parse_neuron, reads, run_eval_tokens
+from toolkit.search import (TRIAL_ROWS, concept_candidates, concept_token_ids, concept_words, pick_finalists,
+                            trial_strength)
+from toolkit.sweep import SCALES, hit_pattern, pick_scale, steered_rows, sweep_finalists
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the run (its ckpt.pt)
@@ -48,7 +50,7 @@ top_m = 32  # top-activating positions kept per neuron
 n_clusters = 64  # k-means clusters of the embedding, for semantic entropy
 max_new_tokens_cap = 200  # the most new tokens a request may ask for
 max_strength = 20.0  # the largest strength (scale of the neuron's maximum) a request may ask for
-bench = False  # time start, a steering request and a concept search, print them, and exit
+bench = False  # time start, a steering request, a concept search and a suggestion, print them, and exit
 # -----------------------------------------------------------------------------
 
 
@@ -68,7 +70,7 @@ class Explorer:
         folder = os.path.join(run_folder(run), 'analysis')
         stamp = file_stamp(os.path.join(run, 'ckpt.pt') if os.path.isdir(run) else run)
         key = dict(stamp=stamp, dictionary=dictionary_file and file_stamp(dictionary_file), eval_data=data,
-                   n_tokens=self.tokens.numel(), top_m=m, n_clusters=clusters)
+                   n_tokens=self.tokens.numel(), top_m=m, n_clusters=clusters, holds='stats clusters history spreads')
         path = os.path.join(folder, 'explore_cache.pt' if not dictionary_file else
                             f"explore_cache_{os.path.basename(dictionary_file).removesuffix('.pt')}.pt")
         cached = torch.load(path, weights_only=True) if os.path.exists(path) else None
@@ -76,10 +78,12 @@ class Explorer:
         if not self.cached:
             cached = dict(key=key, stats=collect(self.model, self.tokens, self.layers, m, by_token=True),
                           clusters=semantic_clusters(self.model.transformer.wte.weight, self.tokens, clusters, 1337),
-                          history=[] if dictionary_file else self.formation(run, m))
+                          history=[] if dictionary_file else self.formation(run, m),
+                          spreads={l: logit_spread(self.model, l) for l in self.layers})
             os.makedirs(folder, exist_ok=True)
             atomic_write(path, lambda f: torch.save(cached, f))
-        self.stats, self.history = cached['stats'], cached['history']
+        self.stats, self.history, self.spreads = cached['stats'], cached['history'], cached['spreads']
+        self.suggested = {}
         self.tables = {l: neuron_table(s, self.tokens, cached['clusters']) for l, s in self.stats.items()}
 
     def formation(self, run, m):
@@ -105,41 +109,67 @@ class Explorer:
         key = tuple(sorted(w.lower() for w in words))
         if key not in self.concepts:
             ids = concept_token_ids(words)
-            found = []
-            for l in self.layers:
-                s = concept_stats(self.stats[l], ids)
-                if s['mark_count']['concept'] == 0:
-                    continue
-                found += concept_candidates(self.model, {l: s}, ids, self.tokens[:8], trial_strength(math.nan, math.nan), 6)
+            stats = {l: concept_stats(self.stats[l], ids) for l in self.layers}
+            stats = {l: s for l, s in stats.items() if s['mark_count']['concept'] > 0}
+            found = concept_candidates(self.model, stats, ids, self.tokens[:TRIAL_ROWS],
+                                       trial_strength(math.nan, math.nan), 6, spreads=self.spreads) if stats else []
             if not found:
                 die(f"no word of {words!r} occurs in the {self.tokens.numel():,} evaluation tokens "
                     "(start with a larger --eval_tokens, or other text with --eval_data)")
-            best = pick_finalists(sorted(found, key=lambda c: -c['probability']), 1)[0]
+            best = pick_finalists(found, 1)[0]
             self.concepts[key] = (best['layer'], best['neuron'], '+'.join(best['signals']))
         l, j, signals = self.concepts[key]
         return l, j, words, f"neuron {l}:{j}, found by the search ({signals})"
 
     def steer(self, prompt, target, strength, n_tokens, seed):
-        """Baseline and steered continuations of prompt from the same seed, with perplexities
-        under the unsteered model: dict(baseline, steered, baseline_ppl, steered_ppl, neuron, value)."""
+        """Baseline and steered continuations of prompt from the same seed, sampled as one batch,
+        with perplexities under the unsteered model: dict(baseline, steered, baseline_ppl,
+        steered_ppl, neuron, value, found, words)."""
         strength, n_tokens, seed = number(strength, 'strength'), number(n_tokens, 'new tokens'), number(seed, 'seed')
         if not 0 <= strength <= max_strength:
             die(f"strength must be between 0 and {max_strength:g}, got {strength:g}")
         if not 1 <= n_tokens <= max_new_tokens_cap or n_tokens != int(n_tokens):
             die(f"new tokens must be a whole number from 1 to {max_new_tokens_cap}, got {n_tokens:g}")
+        ids = self.prompt_ids(prompt)
+        with self.lock:
+            t, words, found = self.neuron_target(target)
+            settings = dict(num_samples=1, max_new_tokens=int(n_tokens), temperature=0.8, top_k=200, seed=int(seed))
+            base, steered = steered_rows(self.model, [(None, None), (t, strength)], [ids], None, settings)
+        return dict(baseline=base['texts'][0][0], steered=steered['texts'][0][0], baseline_ppl=base['ppl'],
+                    steered_ppl=steered['ppl'], neuron=f"{t['layer']}:{t['neuron']}", value=steered['value'],
+                    found=found, words=words)
+
+    def fluent_strength(self, prompt, target, seed):
+        """steer.py's sweep for the target on a small sample (8 continuations of 40 tokens of the
+        prompt, doubling past the grid up to --max_strength): the strength it keeps (the best hit rate
+        within 2x the baseline perplexity; for a neuron, the strongest) as dict(scale, ratio,
+        hit_rate, baseline_hit_rate, neuron)."""
+        ids, seed = self.prompt_ids(prompt), int(number(seed, 'seed'))
+        with self.lock:
+            t, words, _ = self.neuron_target(target)
+            key = (t['layer'], t['neuron'], tuple(words or ()), tuple(ids), seed)
+            if key not in self.suggested:
+                settings = dict(num_samples=8, max_new_tokens=40, temperature=0.8, top_k=200, seed=seed)
+                base, (sweep,) = sweep_finalists(self.model, [t], list(SCALES), [ids], words and hit_pattern(words),
+                                                 settings, refine=2, full_sweep=False, max_scale=max_strength)
+                kept = pick_scale(sweep, base['ppl'])
+                self.suggested[key] = dict(scale=kept['scale'], ratio=kept['ppl'] / base['ppl'], hit_rate=kept['hit_rate'],
+                                           baseline_hit_rate=base['hit_rate'], neuron=f"{t['layer']}:{t['neuron']}")
+        return self.suggested[key]
+
+    def prompt_ids(self, prompt):
         ids = encode_prompt(prompt or '', flag='prompt')
         if len(ids) >= self.model.config.block_size:
             die(f"the prompt is {len(ids)} tokens; the context holds {self.model.config.block_size}")
-        with self.lock:
-            l, j, words, found = self.target(target or '')
-            peak = self.stats[l]['values'][0, j].item()
-            if peak <= 0:
-                die(f"neuron {l}:{j} never fires on the evaluation tokens, so it has no maximum to scale")
-            out = {}
-            for name, v in (('baseline', None), ('steered', strength * peak)):
-                y = sample_continuations(self.model, [ids], l, j, v, 1, int(n_tokens), 0.8, 200, int(seed))[0]
-                out[name], out[f'{name}_ppl'] = decode(y[0].tolist()), continuation_perplexity(self.model, ids, y)[0].item()
-        return dict(out, neuron=f"{l}:{j}", value=strength * peak, found=found, words=words)
+        return ids
+
+    def neuron_target(self, text):
+        """(dict(layer, neuron, peak), concept words or None, how it was found) of target()."""
+        l, j, words, found = self.target(text or '')
+        peak = self.stats[l]['values'][0, j].item()
+        if peak <= 0:
+            die(f"neuron {l}:{j} never fires on the evaluation tokens, so it has no maximum to scale")
+        return dict(layer=l, neuron=j, peak=peak), words, found
 
     # -- Neuron --------------------------------------------------------------------------------
     def neuron(self, spec):
@@ -200,9 +230,10 @@ def number(value, name):
 
 
 def highlighted(text, words):
-    """The text as HTML with the concept words marked."""
+    """The text as HTML with the concept words marked and each document break shown as a rule."""
     text = html.escape(text)
-    return hit_pattern(words).sub(lambda m: f"<mark>{m.group(0)}</mark>", text) if words else text
+    text = hit_pattern(words).sub(lambda m: f"<mark>{m.group(0)}</mark>", text) if words else text
+    return text.replace(html.escape(decode([EOT])), "<hr class='eot' title='end of a document'>")
 
 
 def shown(call, n_outputs=1):
@@ -221,9 +252,20 @@ def app(ex):
     def steer_page(prompt, target, strength, n_tokens, seed):
         r = ex.steer(prompt, target, strength, n_tokens, seed)
         info = f"<p class='info'>{html.escape(r['found'])}, set to {r['value']:.3f}</p>"
-        return (info, f"<div id='baseline'>{highlighted(r['baseline'], r['words'])}</div>"
+        return (info, f"<h4>Baseline (unsteered)</h4><div id='baseline'>{highlighted(r['baseline'], r['words'])}</div>"
                       f"<p>perplexity {r['baseline_ppl']:.2f}</p>",
-                f"<div id='steered'>{highlighted(r['steered'], r['words'])}</div><p>perplexity {r['steered_ppl']:.2f}</p>")
+                f"<h4>Steered</h4><div id='steered'>{highlighted(r['steered'], r['words'])}</div>"
+                f"<p>perplexity {r['steered_ppl']:.2f}</p>")
+
+    def suggest_page(prompt, target, strength, seed):
+        try:
+            r = ex.fluent_strength(prompt, target, seed)
+        except SystemExit as e:
+            return strength, f"<p class='error'>{html.escape(str(e).removeprefix('error: '))}</p>"
+        hits = (f", hit rate {r['baseline_hit_rate']:.2f} → {r['hit_rate']:.2f}" if r['hit_rate'] is not None else '')
+        fluent = 'within' if r['ratio'] <= 2 else 'none within'
+        return (r['scale'], f"<p id='suggested'>neuron {r['neuron']}: strength {r['scale']:g} "
+                f"({fluent} 2x: perplexity {r['ratio']:.2f}x the baseline's{hits}; 8 samples of 40 tokens)</p>")
 
     def table(rows):
         if not rows:
@@ -242,14 +284,19 @@ def app(ex):
                 prompt = gr.Textbox(label='prompt', value='The story began', elem_id='prompt')
                 target = gr.Textbox(label='neuron L:J or concept words', elem_id='target')
             with gr.Row():
-                strength = gr.Textbox(label="strength (x the neuron's maximum)", value='2', elem_id='strength')
-                n_tokens = gr.Textbox(label='new tokens', value='60', elem_id='n_tokens')
-                seed = gr.Textbox(label='seed', value='1337', elem_id='seed')
-            go = gr.Button('Steer', elem_id='steer')
-            info = gr.HTML(elem_id='info')
+                strength = gr.Number(label="strength (x the neuron's maximum)", value=2, minimum=0,
+                                     maximum=max_strength, step=0.25, elem_id='strength')
+                n_tokens = gr.Number(label='new tokens', value=60, minimum=1, maximum=max_new_tokens_cap, precision=0,
+                                     elem_id='n_tokens')
+                seed = gr.Number(label='seed', value=1337, precision=0, elem_id='seed')
             with gr.Row():
-                baseline, steered = gr.HTML(label='baseline'), gr.HTML(label='steered')
+                go = gr.Button('Steer', elem_id='steer')
+                suggest = gr.Button('Suggest a fluent strength', elem_id='suggest')
+            info = gr.HTML(elem_id='info')
+            with gr.Row(elem_id='steer-output'):
+                baseline, steered = gr.HTML(), gr.HTML()
             go.click(shown(steer_page, 3), [prompt, target, strength, n_tokens, seed], [info, baseline, steered])
+            suggest.click(suggest_page, [prompt, target, strength, seed], [strength, info])
         with gr.Tab('Neuron'):
             spec = gr.Textbox(label='neuron L:J', elem_id='neuron')
             show = gr.Button('Show', elem_id='show')
@@ -261,7 +308,7 @@ def app(ex):
             found = gr.HTML(elem_id='found')
             find.click(shown(lambda w: table(ex.by_token(w))), [word], [found])
             text = gr.Textbox(label='text to read token by token', elem_id='text')
-            layer = gr.Textbox(label='layer', value=str(ex.layers[0]), elem_id='layer')
+            layer = gr.Dropdown(label='layer', choices=ex.layers, value=ex.layers[0], elem_id='layer')
             read = gr.Button('Read', elem_id='read')
             tokens = gr.HTML(elem_id='tokens')
             read.click(shown(lambda t, l: table(ex.by_text(t, l))), [text, layer], [tokens])
@@ -286,6 +333,8 @@ def main():
         print(f"one steering request, 60 new tokens, baseline and steered: {s:.2f} s")
         _, c = timed(lambda: ex.target('rain weather storm'))
         print(f"a new concept's search ('rain weather storm'), statistics cached: {c:.2f} s")
+        _, f = timed(lambda: ex.fluent_strength('The story began', 'rain weather storm', 1337))
+        print(f"a fluent strength suggested for it (the sweep on 8 continuations of 40 tokens): {f:.2f} s")
         return
     demo = app(ex)
     demo.launch(server_name=host, server_port=port)

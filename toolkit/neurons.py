@@ -270,13 +270,21 @@ def predicts(s):
 
 
 @torch.no_grad()
-def writes(model, layer, concept_ids):
+def writes(model, layer, concept_ids, spread=None):
     """What a neuron writes: how much its decoder direction, through ln_f and lm_head, raises the
     concept tokens' logits above the average token's, in standard deviations of the logits it
     gives all tokens (so the length of the direction does not matter). It ignores the blocks
-    between the layer and the output; the steering trial then takes them into account."""
+    between the layer and the output; the steering trial then takes them into account.
+    spread: logit_spread(model, layer), when the caller keeps it (it holds for every concept)."""
     d = unembedded(model, layer).float()
     U = model.lm_head.weight[:EOT + 1].float()
-    U = U - U.mean(0)  # logits relative to the average token
-    spread = ((U @ d) ** 2).mean(0).sqrt()  # each direction's std of logits over tokens
-    return (U[torch.as_tensor(concept_ids)].mean(0) @ d) / spread.clamp(min=1e-9)
+    spread = logit_spread(model, layer) if spread is None else spread
+    return ((U[torch.as_tensor(concept_ids)] - U.mean(0)).mean(0) @ d) / spread.clamp(min=1e-9)
+
+
+@torch.no_grad()
+def logit_spread(model, layer):
+    """Per neuron of the layer: the standard deviation over tokens of the logits its unembedded
+    direction gives, relative to the average token (writes()'s unit)."""
+    U = model.lm_head.weight[:EOT + 1].float()
+    return (((U - U.mean(0)) @ unembedded(model, layer).float()) ** 2).mean(0).sqrt()
