@@ -153,8 +153,9 @@ class Explorer:
                 base, (sweep,) = sweep_finalists(self.model, [t], list(SCALES), [ids], words and hit_pattern(words),
                                                  settings, refine=2, full_sweep=False, max_scale=max_strength)
                 kept = pick_scale(sweep, base['ppl'])
-                self.suggested[key] = dict(scale=kept['scale'], ratio=kept['ppl'] / base['ppl'], hit_rate=kept['hit_rate'],
-                                           baseline_hit_rate=base['hit_rate'], neuron=f"{t['layer']}:{t['neuron']}")
+                self.suggested[key] = dict(scale=kept['scale'], ratio=kept['ppl'] / base['ppl'],
+                                           hit_rate=kept['hit_rate'], baseline_hit_rate=base['hit_rate'],
+                                           neuron=f"{t['layer']}:{t['neuron']}")
         return self.suggested[key]
 
     def prompt_ids(self, prompt):

@@ -75,8 +75,8 @@ def qualities(model, prompt_ids, sets, pattern):
     for k, continuations in enumerate(sets):
         texts = [[decode(row.tolist()) for row in c] for c in continuations]
         hits = [bool(pattern.search(t)) for ts in texts for t in ts] if pattern else []
-        out.append(dict(hit_rate=sum(hits) / len(hits) if hits else None, ppl=torch.cat([p[k] for p in ppl]).mean().item(),
-                        texts=texts, continuations=continuations))
+        out.append(dict(hit_rate=sum(hits) / len(hits) if hits else None,
+                        ppl=torch.cat([p[k] for p in ppl]).mean().item(), texts=texts, continuations=continuations))
     return out
 
 
