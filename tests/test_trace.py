@@ -1,0 +1,164 @@
+"""trace.py: attribution graphs with the model's own neurons as nodes. The frozen model is exact
+(edges are its finite differences and add up to each target), a planted circuit is found, pruning
+and the scores follow their definitions, and the script takes bad input in one line."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from toolkit import trace
+from toolkit.data import EOT, encode
+
+PROMPT = torch.tensor([EOT] + encode(' Anna saw the job and the office'))
+
+
+def test_a_targets_incoming_edges_and_its_bias_terms_add_up_to_it(tiny_model):
+    model = tiny_model()
+    graph = trace.attribute(model, PROMPT)
+    n, A = graph['n_neurons'], graph['adjacency']
+    targets = torch.cat([torch.arange(n), torch.arange(len(A) - len(graph['logit_ids']), len(A))])
+    assert torch.allclose(A[targets].sum(1) + graph['bias'], graph['values'], atol=1e-5)
+    # and the frozen model's values are the real model's: its logits and pre-activations
+    assert torch.allclose(graph['values'][n:], model.logits(PROMPT[None])[0, -1, graph['logit_ids']], atol=1e-5)
+    pre = torch.stack([graph['record']['blocks'][l]['pre'][p, j] for _, l, p, j in graph['nodes'][:n]])
+    assert torch.allclose(graph['values'][:n], pre, atol=1e-5)
+
+
+def test_edges_are_finite_differences_of_the_frozen_model(tiny_model):
+    """Scaling a source by 1 + eps (a neuron's activation, a token's embedding, an error vector)
+    moves each target by eps x the edge, in float64."""
+    model = tiny_model().double()
+    graph = trace.attribute(model, PROMPT)
+    rec, nodes, A = graph['record'], graph['nodes'], graph['adjacency']
+    idx = PROMPT
+    emb = model.transformer.wte(idx) + model.transformer.wpe(torch.arange(len(idx)))
+    neuron_layers, error_layers = trace.node_layers(model)
+    base_sources = {l: rec['blocks'][l]['act'] if l in neuron_layers else
+                    rec['blocks'][l]['mlp_out'] - model.transformer.h[l].mlp.c_proj.bias for l in range(3)}
+
+    def target_values(e, sources):
+        pre, logits = trace.frozen_forward(model, rec, e, sources)
+        return torch.cat([torch.stack([pre[l][p, j] for _, l, p, j in nodes[:graph['n_neurons']]]),
+                          logits[graph['logit_ids']]])
+    base, eps = target_values(emb, base_sources), 1e-6
+    rows = list(range(graph['n_neurons'])) + list(range(len(A) - len(graph['logit_ids']), len(A)))
+    picked = [0, graph['n_neurons'] // 2, graph['n_neurons'] - 1,  # neurons of layers 0 and 1
+              graph['n_neurons'] + graph['n_errors'] - 1,  # the dense block's error node at the last position
+              graph['n_neurons'] + graph['n_errors'] + 2]  # a token
+    for s in picked:
+        kind, l, p, j = nodes[s]
+        e, sources = emb.clone(), {m: v.clone() for m, v in base_sources.items()}
+        if kind == 'neuron':
+            sources[l][p, j] *= 1 + eps
+        elif kind == 'error':
+            sources[l][p] *= 1 + eps
+        else:
+            e[p] *= 1 + eps
+        moved = (target_values(e, sources) - base) / eps
+        assert torch.allclose(moved, A[rows, s], rtol=1e-4, atol=1e-7)
+        assert A[rows, s].abs().max() > 0
+
+
+def planted_circuit(model, j=5, token=' salary'):
+    """Neuron j of layer 1 made to fire everywhere (a large c_fc bias keeps it among the k) and to
+    write token's unembedding: the circuit that should explain the prediction of token."""
+    X = encode(token)[0]
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_fc.bias[j] = 30.0
+        model.transformer.h[1].mlp.c_fc.weight[j] = 0
+        model.transformer.h[1].mlp.c_proj.weight[:, j] = 2 * model.lm_head.weight[X] / model.lm_head.weight[X].norm()
+    return X
+
+
+def test_a_planted_circuit_is_the_top_node(tiny_model):
+    model = tiny_model()
+    X = planted_circuit(model)
+    graph = trace.attribute(model, PROMPT)
+    assert graph['logit_ids'][0] == X  # the planted neuron makes ' salary' the likeliest token
+    _, _, node_influence = trace.prune(graph)
+    top = graph['nodes'][int(node_influence[:graph['n_neurons']].argmax())]
+    assert top == ('neuron', 1, len(PROMPT) - 1, 5)  # at the last position, where the logit is read
+    order, predicted, measured, r = trace.check(model, graph, node_influence, torch.ones(len(graph['nodes']), dtype=bool))
+    assert order[0] == graph['nodes'].index(top) and predicted[0] < 0 and measured[0] < 0  # zeroing it lowers the logit
+
+
+def toy_graph():
+    """By hand: token t feeds neurons a (strongly), b (weakly) and c; a and b feed the one logit,
+    c feeds nothing. Nodes in circuit-tracer's order: a, b, c, token, logit."""
+    A = torch.zeros(5, 5)
+    A[0, 3], A[1, 3], A[2, 3] = 3.0, 1.0, 1.0  # t -> a, b, c
+    A[4, 0], A[4, 1], A[4, 3] = 6.0, 1.0, 3.0  # a, b and t -> logit
+    nodes = [('neuron', 0, 0, 0), ('neuron', 0, 0, 1), ('neuron', 0, 0, 2), ('token', None, 0, 7), ('logit', None, 0, 9)]
+    return dict(nodes=nodes, adjacency=A, n_neurons=3, n_errors=0, n_tokens=1, logit_ids=torch.tensor([9]),
+                logit_probabilities=torch.tensor([1.0]))
+
+
+def test_influence_is_the_sum_over_paths_of_normalised_weights():
+    graph = toy_graph()
+    _, _, node_influence = trace.prune(graph)
+    # logit's inputs: a 0.6, b 0.1, t 0.3; a's and b's only input is t
+    assert node_influence.tolist() == pytest.approx([0.6, 0.1, 0.0, 0.3 + 0.6 + 0.1, 0.0])
+
+
+def test_pruning_keeps_nodes_and_edges_up_to_their_thresholds():
+    graph = toy_graph()
+    keep, edges, _ = trace.prune(graph, node_threshold=0.5, edge_threshold=0.98)
+    assert keep.tolist() == [False, False, False, True, True]  # t alone holds 1.0 of 1.7, more than half
+    keep, edges, _ = trace.prune(graph, node_threshold=0.9, edge_threshold=0.98)
+    assert keep.tolist() == [True, False, False, True, True]  # t and a (0.6) hold 0.94 of it
+    assert edges.nonzero().tolist() == [[0, 3], [4, 0], [4, 3]]
+    keep, edges, _ = trace.prune(graph, node_threshold=1.0, edge_threshold=1.0)
+    assert keep.tolist() == [True, True, False, True, True]  # c has no influence: never kept
+    keep, edges, _ = trace.prune(graph, node_threshold=1.0, edge_threshold=0.7)  # t -> b is the weakest edge
+    assert not edges[1, 3] and not keep[1]  # b loses its only input, so it goes too
+
+
+def test_the_scores_count_what_flows_through_error_nodes():
+    assert trace.scores(toy_graph()) == pytest.approx((1.0, 1.0))  # no error node
+    # token t feeds neuron a; a, an error node e and t feed the logit (nodes: a, e, t, logit)
+    A = torch.zeros(4, 4)
+    A[0, 2] = 1.0
+    A[3, 0], A[3, 1], A[3, 2] = 6.0, 1.0, 3.0
+    graph = dict(nodes=[('neuron', 0, 0, 0), ('error', 1, 0, None), ('token', None, 0, 7), ('logit', None, 0, 9)],
+                 adjacency=A, n_neurons=1, n_errors=1, n_tokens=1, logit_ids=torch.tensor([9]),
+                 logit_probabilities=torch.tensor([1.0]))
+    replacement, completeness = trace.scores(graph)
+    assert replacement == pytest.approx(0.9 / (0.9 + 0.1))  # influence: t 0.3 + 0.6 through a; e 0.1
+    # only the logit draws on e (0.1 of its input); weights: influence, and the logit's probability
+    assert completeness == pytest.approx(1 - 0.1 / (0.6 + 0.1 + 0.9 + 1.0))
+
+
+def test_the_dense_tail_is_error_nodes_unless_its_neurons_are_asked_for(tiny_model):
+    model = tiny_model()
+    graph = trace.attribute(model, PROMPT)
+    assert graph['n_errors'] == len(PROMPT) and trace.scores(graph)[0] < 1  # block 2 is dense
+    full = trace.attribute(model, PROMPT, dense_neurons=True)
+    assert full['n_errors'] == 0 and trace.scores(full) == pytest.approx((1.0, 1.0))
+    assert full['n_neurons'] == graph['n_neurons'] + int((graph['record']['blocks'][2]['act'] != 0).sum())
+
+
+def test_the_script_writes_the_pruned_graph(tiny_runs, tmp_path, run_main):
+    run = tmp_path / 'topk'
+    shutil.copytree(tiny_runs / 'topk', run)
+    printed = run_main('toolkit.trace', f'--out_dir={run}', '--prompt=Anna saw the job', '--target= office')
+    assert "targets: ' office'" in printed and 'replacement score' in printed and 'Pearson r' in printed
+    graph = json.loads((run / 'analysis' / 'trace.json').read_text())
+    kinds = {n['kind'] for n in graph['nodes']}
+    assert {'token', 'logit'} <= kinds and graph['logits'][0]['token'] == encode(' office')[0]
+    assert all(0 <= t < len(graph['nodes']) and 0 <= s < len(graph['nodes']) for t, s, _ in graph['edges'])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (['--prompt= '], "--prompt is empty"),
+    (['--prompt=' + 'job ' * 40], "the context holds 32"),
+    (['--target= salary office'], "give one token"),
+    (['--out_dir={runs}/dense'], "is a dense model (topk = 0)"),
+    (['--out_dir={runs}/topk/ckpt_000000.pt'], "its neurons are not yet sparse"),
+])
+def test_bad_input_is_one_line(tiny_runs, run_main, flags, message):
+    flags = [f.format(runs=tiny_runs) for f in flags]
+    if not any(f.startswith('--out_dir') for f in flags):
+        flags.append(f'--out_dir={tiny_runs / "topk"}')
+    with pytest.raises(SystemExit, match=message.replace('(', r'\(').replace(')', r'\)')):
+        run_main('toolkit.trace', *flags)
