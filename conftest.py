@@ -194,6 +194,20 @@ def planted(n_rows, directions, k, g):
     return codes @ directions.T + 0.3
 
 
+TRACE_PROMPT = torch.tensor([EOT] + encode(' Anna saw the job and the office'))  # trace.py's tests
+
+
+def planted_circuit(model, j=5, token=' salary'):
+    """Neuron j of layer 1 made to fire everywhere (a large c_fc bias keeps it among the k; its
+    weights, untouched, still read the residual stream) and to write token's unembedding: the
+    circuit that should explain the prediction of token."""
+    X = encode(token)[0]
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_fc.bias[j] = 30.0
+        model.transformer.h[1].mlp.c_proj.weight[:, j] = 2 * model.lm_head.weight[X] / model.lm_head.weight[X].norm()
+    return X
+
+
 @pytest.fixture
 def copied_runs(tiny_runs, tmp_path):
     """The tiny runs copied for a test that writes into them (pages, plots, dictionaries)."""

@@ -7,10 +7,10 @@ import shutil
 import pytest
 import torch
 
+from conftest import TRACE_PROMPT as PROMPT, planted_circuit
 from toolkit import trace
-from toolkit.data import EOT, encode
+from toolkit.data import encode
 
-PROMPT = torch.tensor([EOT] + encode(' Anna saw the job and the office'))
 
 
 def test_a_targets_incoming_edges_and_its_bias_terms_add_up_to_it(tiny_model):
@@ -58,17 +58,6 @@ def test_edges_are_finite_differences_of_the_frozen_model(tiny_model):
         moved = (target_values(e, sources) - base) / eps
         assert torch.allclose(moved, A[rows, s], rtol=1e-4, atol=1e-7)
         assert A[rows, s].abs().max() > 0
-
-
-def planted_circuit(model, j=5, token=' salary'):
-    """Neuron j of layer 1 made to fire everywhere (a large c_fc bias keeps it among the k) and to
-    write token's unembedding: the circuit that should explain the prediction of token."""
-    X = encode(token)[0]
-    with torch.no_grad():
-        model.transformer.h[1].mlp.c_fc.bias[j] = 30.0
-        model.transformer.h[1].mlp.c_fc.weight[j] = 0
-        model.transformer.h[1].mlp.c_proj.weight[:, j] = 2 * model.lm_head.weight[X] / model.lm_head.weight[X].norm()
-    return X
 
 
 def test_a_planted_circuit_is_the_top_node(tiny_model):
@@ -138,15 +127,22 @@ def test_the_dense_tail_is_error_nodes_unless_its_neurons_are_asked_for(tiny_mod
     assert full['n_neurons'] == graph['n_neurons'] + int((graph['record']['blocks'][2]['act'] != 0).sum())
 
 
-def test_the_script_writes_the_pruned_graph(tiny_runs, tmp_path, run_main):
+def test_the_script_writes_the_pruned_graph_in_circuit_tracers_format(tiny_runs, tmp_path, run_main):
     run = tmp_path / 'topk'
     shutil.copytree(tiny_runs / 'topk', run)
-    printed = run_main('toolkit.trace', f'--out_dir={run}', '--prompt=Anna saw the job', '--target= office')
+    printed = run_main('toolkit.trace', f'--out_dir={run}', '--prompt=Anna saw the job', '--target= office',
+                       '--node_threshold=1.0')
     assert "targets: ' office'" in printed and 'replacement score' in printed and 'Pearson r' in printed
-    graph = json.loads((run / 'analysis' / 'trace.json').read_text())
-    kinds = {n['kind'] for n in graph['nodes']}
-    assert {'token', 'logit'} <= kinds and graph['logits'][0]['token'] == encode(' office')[0]
-    assert all(0 <= t < len(graph['nodes']) and 0 <= s < len(graph['nodes']) for t, s, _ in graph['edges'])
+    graph = json.loads((run / 'analysis' / 'graph_anna_saw_the_job.json').read_text())
+    assert set(graph) == {'metadata', 'qParams', 'nodes', 'links'}
+    assert graph['metadata']['prompt_tokens'] == ['<|endoftext|>', 'Anna', ' saw', ' the', ' job']
+    ids = {n['node_id'] for n in graph['nodes']}
+    assert all(link['source'] in ids and link['target'] in ids for link in graph['links'])
+    kinds = {n['feature_type'] for n in graph['nodes']}
+    assert {'embedding', 'logit', 'cross layer transcoder'} <= kinds
+    logit, = [n for n in graph['nodes'] if n['feature_type'] == 'logit']
+    assert logit['feature'] == encode(' office')[0] and logit['is_target_logit'] and logit['layer'] == '4'
+    assert (run / 'analysis' / 'graph_anna_saw_the_job.html').stat().st_size > 0
 
 
 @pytest.mark.parametrize("flags, message", [

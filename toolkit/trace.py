@@ -41,7 +41,8 @@ from configurator import configure, die
 from model import trained_alpha
 from toolkit.common import load_model, run_folder
 from toolkit.data import atomic_write, decode, encode, encode_prompt
-from toolkit.neurons import is_topk
+from toolkit.graph_page import graph_json, neuron_notes, page
+from toolkit.neurons import is_topk, run_eval_tokens
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the run to trace (its ckpt.pt), or a checkpoint file
@@ -51,6 +52,8 @@ dense_neurons = False  # the dense blocks' neurons as nodes too, instead of one 
 node_threshold = 0.8  # keep nodes up to this share of influence on the logits
 edge_threshold = 0.98  # then edges up to this share
 check_nodes = 20  # the pruned graph's most influential neurons checked against the real model
+eval_data = ''  # data dir (val shards) or .txt file for the neurons' top contexts on the page; '' = the run's
+eval_tokens = 32768  # evaluation tokens for the top contexts; 0 = none on the page
 # -----------------------------------------------------------------------------
 
 
@@ -410,21 +413,19 @@ def main():
           f"influential kept neurons: Pearson r {r:.3f}")
     for i, p, m in zip(order, predicted, measured):
         print(f"  {node_name(nodes[i])}: influence {node_influence[i]:.4f}, predicted {p:+.4f}, measured {m:+.4f}")
-    kept = keep.nonzero()[:, 0].tolist()
-    out = dict(prompt=prompt, tokens=ids, nodes=[dict(zip(("kind", "layer", "position", "index"), nodes[i]),
-                                                       influence=node_influence[i].item(),
-                                                       activation=graph["activation"][i].item()) for i in kept],
-               edges=[[kept.index(t), kept.index(s), graph["adjacency"][t, s].item()]
-                      for t, s in edges.nonzero().tolist()],
-               logits=[dict(token=t, probability=p) for t, p in zip(graph["logit_ids"].tolist(),
-                                                                    graph["logit_probabilities"].tolist())],
-               replacement_score=replacement, completeness_score=completeness, check_r=r,
-               check=[dict(node=kept.index(i), predicted=p, measured=m) for i, p, m in zip(order, predicted, measured)])
-    path = os.path.join(run_folder(out_dir), 'analysis', 'trace.json')
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomic_write(path, lambda f: f.write(json.dumps(out).encode()))
-    print(f"wrote {path}")
-
+    neurons = {i: nodes[i] for i in keep.nonzero()[:, 0].tolist() if nodes[i][0] == "neuron"}
+    tokens = run_eval_tokens(eval_data, ckpt, eval_tokens, model.config.block_size) if eval_tokens else None
+    clerps, contexts = neuron_notes(model, neurons, tokens)
+    extra = dict(replacement_score=replacement, completeness_score=completeness, check_r=r,
+                 check=[dict(node=f"{nodes[i][1]}_{nodes[i][3]}_{nodes[i][2]}", predicted=p, measured=m)
+                        for i, p, m in zip(order, predicted, measured)])
+    slug = "".join(c if c.isalnum() else "_" for c in prompt.strip().lower())[:40].strip("_")
+    model_json = graph_json(graph, keep, edges, node_influence, prompt, slug, len(model.transformer.h), clerps, extra)
+    folder = os.path.join(run_folder(out_dir), 'analysis')
+    files = {f'graph_{slug}.json': json.dumps(model_json), f'graph_{slug}.html': page(model_json, contexts)}
+    for name, text in files.items():
+        atomic_write(os.path.join(folder, name), lambda f, text=text: f.write(text.encode()))
+        print(f"wrote {os.path.join(folder, name)}")
 
 if __name__ == '__main__':
     main()
