@@ -112,6 +112,16 @@ def test_document_breaks_show_as_breaks_and_concept_words_are_marked():
     assert page == "a <mark>job</mark>.<hr class='eot' title='end of a document'>Next &lt;b&gt;"
 
 
+def test_a_trace_lists_the_graphs_neurons_and_each_can_be_steered(ex, a):
+    data, page, neurons = ex.trace('Anna saw the', ' job')
+    assert data['metadata']['prompt_tokens'][-1] == ' the' and '<svg id="graph">' in page
+    logit, = [n for n in data['nodes'] if n['feature_type'] == 'logit']
+    assert logit['feature'] == encode(' job')[0]
+    assert neurons and all(ex.steer('Anna saw the', n, 2, 4, 1)['neuron'] == n for n in neurons[:2])
+    with pytest.raises(SystemExit, match="give one token"):
+        ex.trace('Anna saw the', ' job market')
+
+
 def test_a_neuron_page_shows_its_contexts_and_its_formation(ex):
     j = int(ex.tables[1]['freq'].argmax())
     page = ex.neuron(f'1:{j}')
@@ -196,6 +206,15 @@ def test_the_page_steers_in_a_real_browser(ex, a):
             page.click('#steer')
             page.wait_for_selector('.error', timeout=60_000)
             error = page.inner_text('.error')
+            page.get_by_role('tab', name='Trace').click()
+            page.fill('#trace_prompt textarea', 'Anna saw the')
+            page.click('#trace')
+            graph = page.frame_locator('#graph-page')
+            graph.locator('circle.node').first.wait_for(timeout=60_000)
+            drawn = graph.locator('circle.node').count()
+            page.click('#trace_steer')
+            page.wait_for_selector('#trace_steered b', timeout=60_000)
+            traced_steer = page.inner_text('#trace_steered')
             browser.close()
     finally:
         demo.close()
@@ -206,3 +225,5 @@ def test_the_page_steers_in_a_real_browser(ex, a):
     assert labels.index('Baseline (unsteered)') < labels.index('Steered')
     fluent = ex.fluent_strength('Anna saw the', a, 7)
     assert float(offered) == fluent['scale'] and f"strength {fluent['scale']:g}" in suggested
+    data, _, neurons = ex.trace('Anna saw the')
+    assert drawn == len(data['nodes']) and f"neuron {neurons[0]} set to" in traced_steer

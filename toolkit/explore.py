@@ -34,10 +34,13 @@ from toolkit.common import load_model, run_checkpoints, run_folder
 from toolkit.cpu_fast import enable as cpu_fast_paths
 from toolkit.data import EOT, atomic_write, decode, encode, encode_prompt, file_stamp
 from toolkit.dictionary import attach_file
-from toolkit.neurons import capture, collect, concept_stats, is_topk, logit_spread, parse_neuron, reads, run_eval_tokens
+from toolkit.graph_page import graph_json, neuron_notes, page
+from toolkit.neurons import (capture, collect, concept_stats, contexts_text, is_topk, logit_spread, parse_neuron, reads,
+                             run_eval_tokens)
 from toolkit.search import (TRIAL_ROWS, concept_candidates, concept_token_ids, concept_words, pick_finalists,
                             trial_strength)
 from toolkit.sweep import SCALES, hit_pattern, pick_scale, steered_rows, sweep_finalists
+from toolkit.trace import attribute, prune, scores
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the run (its ckpt.pt)
@@ -208,6 +211,31 @@ class Explorer:
         return [dict(neuron=f"{l}:{j}", reads=round(r, 3), fires=f"{100 * f:.2f}%", max=round(m, 3))
                 for r, l, j, f, m in sorted(found, reverse=True)[:n]]
 
+    # -- Trace ---------------------------------------------------------------------------------
+    def trace(self, prompt, target=''):
+        """The attribution graph of the prompt's next token (trace.py's, default thresholds) as
+        (circuit-tracer's graph JSON, the page's HTML, the kept neurons 'L:J' by influence)."""
+        if self.site is not None:
+            die("tracing reads the model's own neurons: start the explorer without --dictionary")
+        ids = self.prompt_ids(prompt)
+        targets = None
+        if (target or '').strip():
+            targets = encode(target)
+            if len(targets) != 1:
+                die(f"the target {target!r} is {len(targets)} GPT-2 tokens; give one token")
+        with self.lock:
+            graph = attribute(self.model, torch.tensor(ids), targets)
+            keep, edges, influence = prune(graph)
+            replacement, completeness = scores(graph)
+            kept = {i: n for i in keep.nonzero()[:, 0].tolist() if (n := graph['nodes'][i])[0] == 'neuron'}
+            clerps, _ = neuron_notes(self.model, kept)
+        contexts = {f"{l}_{j}_{p}": contexts_text(self.tokens, self.stats[l], j) for _, l, p, j in kept.values()
+                    if l in self.stats}
+        data = graph_json(graph, keep, edges, influence, prompt, 'explorer', len(self.model.transformer.h), clerps,
+                          dict(replacement_score=replacement, completeness_score=completeness))
+        ranked = sorted(kept, key=lambda i: -influence[i].item())
+        return data, page(data, contexts), list(dict.fromkeys(f"{kept[i][1]}:{kept[i][3]}" for i in ranked))
+
     def by_text(self, text, layer, n=3):
         """Token by token, the n neurons of the layer most active on it, with their activations."""
         layer = int(number(layer, 'layer'))
@@ -268,6 +296,20 @@ def app(ex):
         return (r['scale'], f"<p id='suggested'>neuron {r['neuron']}: strength {r['scale']:g} "
                 f"({fluent} 2x: perplexity {r['ratio']:.2f}x the baseline's{hits}; 8 samples of 40 tokens)</p>")
 
+    def trace_page(prompt, target):
+        try:
+            data, html_page, neurons = ex.trace(prompt, target)
+        except SystemExit as e:
+            return f"<p class='error'>{html.escape(str(e).removeprefix('error: '))}</p>", gr.update(choices=[])
+        frame = (f"<iframe id='graph-page' srcdoc='{html.escape(html_page, quote=True)}' "
+                 "style='width:100%;height:640px;border:0'></iframe>")
+        return frame, gr.update(choices=neurons, value=neurons[0] if neurons else None)
+
+    def trace_steer_page(prompt, neuron, strength):
+        r = ex.steer(prompt, neuron or '', strength, 40, 1337)
+        return (f"<p>neuron {r['neuron']} set to {r['value']:.3f}</p><p><b>Baseline (unsteered)</b>: "
+                f"{highlighted(r['baseline'], None)}</p><p><b>Steered</b>: {highlighted(r['steered'], None)}</p>")
+
     def table(rows):
         if not rows:
             return "<p>nothing</p>"
@@ -303,6 +345,21 @@ def app(ex):
             show = gr.Button('Show', elem_id='show')
             page = gr.HTML(elem_id='page')
             show.click(shown(ex.neuron), [spec], [page])
+        with gr.Tab('Trace'):
+            with gr.Row():
+                t_prompt = gr.Textbox(label='prompt', value='The story began', elem_id='trace_prompt')
+                t_target = gr.Textbox(label="next token to explain (one token; empty: the likeliest)",
+                                      elem_id='trace_target')
+            trace_go = gr.Button('Trace', elem_id='trace')
+            graph_frame = gr.HTML(elem_id='graph')
+            with gr.Row():
+                t_neuron = gr.Dropdown(label='a neuron of the graph, by influence', choices=[], elem_id='trace_neuron')
+                t_strength = gr.Number(label="strength (x its maximum)", value=2, minimum=0, maximum=max_strength,
+                                       step=0.25, elem_id='trace_strength')
+                t_steer = gr.Button('Steer it', elem_id='trace_steer')
+            t_out = gr.HTML(elem_id='trace_steered')
+            trace_go.click(trace_page, [t_prompt, t_target], [graph_frame, t_neuron])
+            t_steer.click(shown(trace_steer_page), [t_prompt, t_neuron, t_strength], [t_out])
         with gr.Tab('Search'):
             word = gr.Textbox(label='a token, e.g. rain', elem_id='word')
             find = gr.Button('Neurons that fire on it', elem_id='find')

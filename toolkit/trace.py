@@ -243,9 +243,12 @@ def source_columns(grads, emb, sources, neurons, error_layers):
 
 
 def logit_weights(graph):
-    """Per node: its logit target's probability (0 for every other node)."""
-    w = torch.zeros(len(graph["nodes"]), device=graph["adjacency"].device)
-    w[-len(graph["logit_ids"]):] = graph["logit_probabilities"]
+    """Per node: its logit target's share of the targets' probability (0 for every other node).
+    Shares, not probabilities: influence is relative, and a target asked for by name may be one
+    the model gives almost no probability (equal shares if it gives none at all)."""
+    w = torch.zeros(len(graph["nodes"]), device=graph["adjacency"].device, dtype=graph["adjacency"].dtype)
+    p = graph["logit_probabilities"].to(w.dtype)
+    w[-len(p):] = p / p.sum() if p.sum() > 0 else torch.full_like(p, 1 / len(p))
     return w
 
 
