@@ -118,6 +118,9 @@ def test_toy_corpus_size(tmp_path):
 
 STOPPER = """
 import os, runpy, signal, sys
+# Ctrl-C as a terminal delivers it: Python's own handler, even if the test process that started
+# this one ignores SIGINT (a child inherits an ignored signal, and Python then leaves it ignored)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 signum, when, target = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 rename = os.replace
 def replace(src, dst):  # stop just before, or just after, the rename that completes `target`
