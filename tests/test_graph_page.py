@@ -11,7 +11,7 @@ import_or_skip(("playwright",), "toolkit/requirements-explore.txt")
 from playwright.sync_api import sync_playwright  # noqa: E402 (after the check that it is installed)
 
 from conftest import TRACE_PROMPT as PROMPT, planted_circuit  # noqa: E402
-from toolkit import graph_page, trace  # noqa: E402
+from toolkit import graph_page, pruning, trace  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -22,7 +22,7 @@ def planted(tiny_model):
     model = tiny_model()
     planted_circuit(model)
     graph = trace.attribute(model, PROMPT)
-    keep, edges, influence = trace.prune(graph, node_threshold=1.0, edge_threshold=1.0)
+    keep, edges, influence = pruning.prune(graph, node_threshold=1.0, edge_threshold=1.0)
     j = graph['nodes'].index(('neuron', 1, len(PROMPT) - 1, 5))
     data = graph_page.graph_json(graph, keep, edges, influence, 'Anna saw the job and the office', 'anna', 3,
                                  clerps={j: 'promotes salary'})

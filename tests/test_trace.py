@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import TRACE_PROMPT as PROMPT, planted_circuit
-from toolkit import trace
+from toolkit import pruning, trace
 from toolkit.data import encode
 
 
@@ -65,7 +65,7 @@ def test_a_planted_circuit_is_the_top_node(tiny_model):
     X = planted_circuit(model)
     graph = trace.attribute(model, PROMPT)
     assert graph['logit_ids'][0] == X  # the planted neuron makes ' salary' the likeliest token
-    _, _, node_influence = trace.prune(graph)
+    _, _, node_influence = pruning.prune(graph)
     top = graph['nodes'][int(node_influence[:graph['n_neurons']].argmax())]
     assert top == ('neuron', 1, len(PROMPT) - 1, 5)  # at the last position, where the logit is read
     order, predicted, measured, r = trace.check(model, graph, node_influence, torch.ones(len(graph['nodes']), dtype=bool))
@@ -85,26 +85,26 @@ def toy_graph():
 
 def test_influence_is_the_sum_over_paths_of_normalised_weights():
     graph = toy_graph()
-    _, _, node_influence = trace.prune(graph)
+    _, _, node_influence = pruning.prune(graph)
     # logit's inputs: a 0.6, b 0.1, t 0.3; a's and b's only input is t
     assert node_influence.tolist() == pytest.approx([0.6, 0.1, 0.0, 0.3 + 0.6 + 0.1, 0.0])
 
 
 def test_pruning_keeps_nodes_and_edges_up_to_their_thresholds():
     graph = toy_graph()
-    keep, edges, _ = trace.prune(graph, node_threshold=0.5, edge_threshold=0.98)
+    keep, edges, _ = pruning.prune(graph, node_threshold=0.5, edge_threshold=0.98)
     assert keep.tolist() == [False, False, False, True, True]  # t alone holds 1.0 of 1.7, more than half
-    keep, edges, _ = trace.prune(graph, node_threshold=0.9, edge_threshold=0.98)
+    keep, edges, _ = pruning.prune(graph, node_threshold=0.9, edge_threshold=0.98)
     assert keep.tolist() == [True, False, False, True, True]  # t and a (0.6) hold 0.94 of it
     assert edges.nonzero().tolist() == [[0, 3], [4, 0], [4, 3]]
-    keep, edges, _ = trace.prune(graph, node_threshold=1.0, edge_threshold=1.0)
+    keep, edges, _ = pruning.prune(graph, node_threshold=1.0, edge_threshold=1.0)
     assert keep.tolist() == [True, True, False, True, True]  # c has no influence: never kept
-    keep, edges, _ = trace.prune(graph, node_threshold=1.0, edge_threshold=0.7)  # t -> b is the weakest edge
+    keep, edges, _ = pruning.prune(graph, node_threshold=1.0, edge_threshold=0.7)  # t -> b is the weakest edge
     assert not edges[1, 3] and not keep[1]  # b loses its only input, so it goes too
 
 
 def test_the_scores_count_what_flows_through_error_nodes():
-    assert trace.scores(toy_graph()) == pytest.approx((1.0, 1.0))  # no error node
+    assert pruning.scores(toy_graph()) == pytest.approx((1.0, 1.0))  # no error node
     # token t feeds neuron a; a, an error node e and t feed the logit (nodes: a, e, t, logit)
     A = torch.zeros(4, 4)
     A[0, 2] = 1.0
@@ -112,7 +112,7 @@ def test_the_scores_count_what_flows_through_error_nodes():
     graph = dict(nodes=[('neuron', 0, 0, 0), ('error', 1, 0, None), ('token', None, 0, 7), ('logit', None, 0, 9)],
                  adjacency=A, n_neurons=1, n_errors=1, n_tokens=1, logit_ids=torch.tensor([9]),
                  logit_probabilities=torch.tensor([1.0]))
-    replacement, completeness = trace.scores(graph)
+    replacement, completeness = pruning.scores(graph)
     assert replacement == pytest.approx(0.9 / (0.9 + 0.1))  # influence: t 0.3 + 0.6 through a; e 0.1
     # only the logit draws on e (0.1 of its input); weights: influence, and the logit's probability
     assert completeness == pytest.approx(1 - 0.1 / (0.6 + 0.1 + 0.9 + 1.0))
@@ -121,9 +121,9 @@ def test_the_scores_count_what_flows_through_error_nodes():
 def test_the_dense_tail_is_error_nodes_unless_its_neurons_are_asked_for(tiny_model):
     model = tiny_model()
     graph = trace.attribute(model, PROMPT)
-    assert graph['n_errors'] == len(PROMPT) and trace.scores(graph)[0] < 1  # block 2 is dense
+    assert graph['n_errors'] == len(PROMPT) and pruning.scores(graph)[0] < 1  # block 2 is dense
     full = trace.attribute(model, PROMPT, dense_neurons=True)
-    assert full['n_errors'] == 0 and trace.scores(full) == pytest.approx((1.0, 1.0))
+    assert full['n_errors'] == 0 and pruning.scores(full) == pytest.approx((1.0, 1.0))
     assert full['n_neurons'] == graph['n_neurons'] + int((graph['record']['blocks'][2]['act'] != 0).sum())
 
 

@@ -40,7 +40,8 @@ from toolkit.neurons import (capture, collect, concept_stats, contexts_text, is_
 from toolkit.search import (TRIAL_ROWS, concept_candidates, concept_token_ids, concept_words, pick_finalists,
                             trial_strength)
 from toolkit.sweep import SCALES, hit_pattern, pick_scale, steered_rows, sweep_finalists
-from toolkit.trace import attribute, prune, scores
+from toolkit.pruning import prune, scores
+from toolkit.trace import attribute
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the run (its ckpt.pt)
