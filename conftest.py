@@ -48,6 +48,7 @@ FINEWEB_SAMPLE = os.path.join(FILES, "data", "fineweb-edu-sample-150.parquet")  
 from model import GPT, GPTConfig  # noqa: E402
 from toolkit.common import save_checkpoint
 from toolkit.data import EOT, encode, write_shard
+from toolkit.dictionary import SparseCoder, model_shape, save_dictionary
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]  # a test on both, the CUDA case where a GPU is
@@ -206,6 +207,25 @@ def planted_circuit(model, j=5, token=' salary'):
         model.transformer.h[1].mlp.c_fc.bias[j] = 30.0
         model.transformer.h[1].mlp.c_proj.weight[:, j] = 2 * model.lm_head.weight[X] / model.lm_head.weight[X].norm()
     return X
+
+
+def transcoders_for(model, layers, k=4, seed=0):
+    """{layer: a transcoder} for model's blocks, randomly initialised (b_pre too, so that its bias
+    term counts): what trace.py reads needs no training."""
+    torch.manual_seed(seed)
+    coders = {}
+    for l in layers:
+        coders[l] = SparseCoder(model.config.n_embd, 4 * model.config.n_embd, k, transcoder=True)
+        torch.nn.init.normal_(coders[l].b_pre, std=0.1)
+    return coders
+
+
+def save_transcoders(model, coders, folder, kind='transcoder'):
+    """Each coder as sae.py saves it, as folder/transcoder_layerL.pt (kind: what its meta says it is)."""
+    for l, coder in coders.items():
+        meta = dict(kind=kind, layer=l, d_in=model.config.n_embd, n_latents=coder.decoder.weight.size(1),
+                    k=coder.act.k, model_args=model_shape(model))
+        save_dictionary(str(folder / f'transcoder_layer{l}.pt'), coder, meta)
 
 
 @pytest.fixture

@@ -2,13 +2,15 @@
 (edges are its finite differences and add up to each target), a planted circuit is found, pruning
 and the scores follow their definitions, and the script takes bad input in one line."""
 import json
+import re
 import shutil
 
 import pytest
 import torch
 
-from conftest import TRACE_PROMPT as PROMPT, planted_circuit
-from toolkit import pruning, trace
+from conftest import TRACE_PROMPT as PROMPT, planted_circuit, save_transcoders, transcoders_for
+from toolkit import dictionary, pruning, trace
+from toolkit.common import load_model
 from toolkit.data import encode
 
 
@@ -33,29 +35,28 @@ def test_edges_are_finite_differences_of_the_frozen_model(tiny_model):
     rec, nodes, A = graph['record'], graph['nodes'], graph['adjacency']
     idx = PROMPT
     emb = model.transformer.wte(idx) + model.transformer.wpe(torch.arange(len(idx)))
-    neuron_layers, error_layers = trace.node_layers(model)
-    base_sources = {l: rec['blocks'][l]['act'] if l in neuron_layers else
-                    rec['blocks'][l]['mlp_out'] - model.transformer.h[l].mlp.c_proj.bias for l in range(3)}
+    base_sources = {l: rec['blocks'][l]['act'] for l in graph['neuron_layers']}
+    base_errors = {l: rec['blocks'][l]['mlp_out'] - model.transformer.h[l].mlp.c_proj.bias for l in graph['error_layers']}
 
-    def target_values(e, sources):
-        pre, logits = trace.frozen_forward(model, rec, e, sources)
-        return torch.cat([torch.stack([pre[l][p, j] for _, l, p, j in nodes[:graph['n_neurons']]]),
-                          logits[graph['logit_ids']]])
-    base, eps = target_values(emb, base_sources), 1e-6
+    def target_values(e, sources, errors):
+        pre, logits = trace.frozen_forward(model, rec, e, sources, errors, graph['logit_ids'])
+        return torch.cat([torch.stack([pre[l][p, j] for _, l, p, j in nodes[:graph['n_neurons']]]), logits])
+    base, eps = target_values(emb, base_sources, base_errors), 1e-6
     rows = list(range(graph['n_neurons'])) + list(range(len(A) - len(graph['logit_ids']), len(A)))
     picked = [0, graph['n_neurons'] // 2, graph['n_neurons'] - 1,  # neurons of layers 0 and 1
               graph['n_neurons'] + graph['n_errors'] - 1,  # the dense block's error node at the last position
               graph['n_neurons'] + graph['n_errors'] + 2]  # a token
     for s in picked:
         kind, l, p, j = nodes[s]
-        e, sources = emb.clone(), {m: v.clone() for m, v in base_sources.items()}
+        e, sources, errors = emb.clone(), {m: v.clone() for m, v in base_sources.items()}, dict(base_errors)
         if kind == 'neuron':
             sources[l][p, j] *= 1 + eps
         elif kind == 'error':
-            sources[l][p] *= 1 + eps
+            errors[l] = errors[l].clone()
+            errors[l][p] *= 1 + eps
         else:
             e[p] *= 1 + eps
-        moved = (target_values(e, sources) - base) / eps
+        moved = (target_values(e, sources, errors) - base) / eps
         assert torch.allclose(moved, A[rows, s], rtol=1e-4, atol=1e-7)
         assert A[rows, s].abs().max() > 0
 
@@ -151,6 +152,7 @@ def test_the_script_writes_the_pruned_graph_in_circuit_tracers_format(tiny_runs,
     (['--target= salary office'], "give one token"),
     (['--out_dir={runs}/dense'], "is a dense model (topk = 0)"),
     (['--out_dir={runs}/topk/ckpt_000000.pt'], "its neurons are not yet sparse"),
+    (['--out_dir={runs}/dense', '--transcoders={runs}'], "holds no transcoder_layerL.pt"),
 ])
 def test_bad_input_is_one_line(tiny_runs, run_main, flags, message):
     flags = [f.format(runs=tiny_runs) for f in flags]
@@ -158,3 +160,38 @@ def test_bad_input_is_one_line(tiny_runs, run_main, flags, message):
         flags.append(f'--out_dir={tiny_runs / "topk"}')
     with pytest.raises(SystemExit, match=message.replace('(', r'\(').replace(')', r'\)')):
         run_main('toolkit.trace', *flags)
+
+
+def test_a_transcoders_latents_are_nodes_and_what_it_misses_is_an_error_node(tiny_model):
+    model = tiny_model(topk=0)
+    with torch.no_grad():
+        logits = model.logits(PROMPT[None])[0, -1]
+    with dictionary.attached(model, transcoders_for(model, [0, 1])):
+        graph = trace.attribute(model, PROMPT)
+    n, T = graph['n_neurons'], len(PROMPT)
+    assert {l for _, l, _, _ in graph['nodes'][:n]} == {0, 1} and n <= 2 * 4 * T  # k = 4 latents per token
+    assert graph['n_errors'] == 3 * T  # two transcoders' misses and the dense block 2
+    A = graph['adjacency']
+    targets = torch.cat([torch.arange(n), torch.arange(len(A) - len(graph['logit_ids']), len(A))])
+    assert torch.allclose(A[targets].sum(1) + graph['bias'], graph['values'], atol=1e-5)
+    assert torch.allclose(graph['values'][n:], logits[graph['logit_ids']], atol=1e-5)  # observe mode: the dense model
+    assert 0 < pruning.scores(graph)[0] < 1
+
+
+def test_the_script_traces_a_dense_run_through_its_transcoders(tiny_runs, tmp_path, run_main):
+    run = tmp_path / 'dense'
+    shutil.copytree(tiny_runs / 'dense', run)
+    model, _ = load_model(str(run), 'cpu')
+    save_transcoders(model, transcoders_for(model, [0, 1]), tmp_path)
+    printed = run_main('toolkit.trace', f'--out_dir={run}', '--prompt=Anna saw the job', f'--transcoders={tmp_path}',
+                       '--eval_tokens=0')
+    assert 'replacement score' in printed and re.search(r"nodes: [1-9]\d* neurons, 15 error nodes", printed)
+    graph = json.loads((run / 'analysis' / 'graph_anna_saw_the_job.json').read_text())
+    assert {n['layer'] for n in graph['nodes'] if n['feature_type'] == 'cross layer transcoder'} <= {'0', '1'}
+
+
+def test_an_sae_is_not_traced(tiny_runs, tmp_path, run_main):
+    model, _ = load_model(str(tiny_runs / 'dense'), 'cpu')
+    save_transcoders(model, {0: dictionary.SparseCoder(32, 64, 4)}, tmp_path, kind='sae')
+    with pytest.raises(SystemExit, match="is an SAE, not a transcoder"):
+        run_main('toolkit.trace', f'--out_dir={tiny_runs / "dense"}', f'--transcoders={tmp_path}')

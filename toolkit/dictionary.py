@@ -145,6 +145,8 @@ class DictionarySite(nn.Module):
         super().__init__()
         self.mlp, self.coder, self.splice = mlp, coder, splice
         self.act, self.c_proj = coder.act, coder.decoder  # an MLP's interface: latents and decoder
+        # a transcoder reads the MLP's input as c_fc does (trace.py follows it linearly); an SAE reads its output
+        self.c_fc = coder.encoder if coder.transcoder else None
         self.label = f"{'transcoder' if coder.transcoder else 'SAE'} (k = {coder.act.k})"
 
     def forward(self, h):

@@ -20,13 +20,18 @@ def logit_weights(graph):
 def normalized(A):
     """|A| with each row scaled to sum to 1: the share of a target's input from each source."""
     a = A.abs()
-    return a / a.sum(1, keepdim=True).clamp(min=1e-10)
+    return a.div_(row_l1(a)[:, None].clamp(min=1e-10))  # in place: a dense graph's A is gigabytes
+
+
+def row_l1(A):
+    """Per row, the sum of |A|, with no |A| in memory."""
+    return torch.linalg.vector_norm(A, 1, dim=1)
 
 
 def influence(A_hat, weights):
     """Per node, its influence on the weighted targets over paths of every length:
-    weights (A + A^2 + ...). The nodes are in causal order and sources have no inputs, so
-    the series ends (A is nilpotent) after at most as many terms as the graph is deep."""
+    weights (A_hat + A_hat^2 + ...). The nodes are in causal order and sources have no inputs, so
+    the series ends (A_hat is nilpotent) after at most as many terms as the graph is deep."""
     step, total = weights @ A_hat, torch.zeros_like(weights)
     for _ in range(len(weights)):
         if not step.any():
@@ -53,26 +58,34 @@ def prune(graph, node_threshold=0.8, edge_threshold=0.98):
     n_src = graph["n_neurons"] + graph["n_errors"]  # neurons and errors: the prunable nodes
     keep = node_influence >= cumulative_cut(node_influence, node_threshold)
     keep[n_src:] = True
-    pruned = A * keep[:, None] * keep[None, :]
-    A_hat = normalized(pruned)
-    edge_scores = A_hat * (influence(A_hat, w) + w)[:, None]
+    kept = keep.nonzero()[:, 0]  # the edge step works on the kept nodes alone (a dense graph has many)
+    A_hat, w_kept = normalized(A[kept][:, kept]), w[kept]
+    edge_scores = A_hat * (influence(A_hat, w_kept) + w_kept)[:, None]
     edges = (edge_scores >= cumulative_cut(edge_scores, edge_threshold)) & (edge_scores > 0)
+    alive = torch.ones(len(kept), dtype=torch.bool, device=A.device)
+    prunable, neuron = kept < n_src, kept < graph["n_neurons"]
     while True:
-        before = keep.clone()
-        edges &= keep[:, None] & keep[None, :]
-        keep[:n_src] &= edges[:, :n_src].any(0)
-        keep[:graph["n_neurons"]] &= edges[:graph["n_neurons"]].any(1)
-        if torch.equal(keep, before):
-            return keep, edges & keep[:, None] & keep[None, :], node_influence
+        before = alive.clone()
+        edges &= alive[:, None] & alive[None, :]
+        alive &= ~prunable | edges.any(0)  # a neuron or error node that feeds nothing
+        alive &= ~neuron | edges.any(1)  # a neuron that nothing feeds
+        if torch.equal(alive, before):
+            break
+    keep[kept] = alive
+    full = torch.zeros(len(A), len(A), dtype=torch.bool, device=A.device)
+    full[kept[:, None], kept[None, :]] = edges & alive[:, None] & alive[None, :]
+    return keep, full, node_influence
 
 
-def scores(graph):
-    """Step 5: (replacement score, completeness score) as circuit-tracer defines them."""
-    A_hat, w = normalized(graph["adjacency"]), logit_weights(graph)
-    node_influence = influence(A_hat, w)
+def scores(graph, node_influence=None):
+    """Step 5: (replacement score, completeness score) as circuit-tracer defines them.
+    node_influence: prune()'s, when it has been computed (a dense graph's takes a while)."""
+    A, w = graph["adjacency"], logit_weights(graph)
+    if node_influence is None:
+        node_influence = influence(normalized(A), w)
     e0, e1 = graph["n_neurons"], graph["n_neurons"] + graph["n_errors"]
     token_influence, error_influence = node_influence[e1:e1 + graph["n_tokens"]].sum(), node_influence[e0:e1].sum()
     replacement = token_influence / (token_influence + error_influence)
-    from_readable = 1 - A_hat[:, e0:e1].sum(1)
+    from_readable = 1 - row_l1(A[:, e0:e1]) / row_l1(A).clamp(min=1e-10)
     weight = node_influence + w
     return replacement.item(), ((from_readable * weight).sum() / weight.sum()).item()

@@ -32,6 +32,7 @@ Nodes are ordered as circuit-tracer orders them: neurons (by layer, position, in
 import json
 import math
 import os
+import re
 
 import numpy as np
 import torch
@@ -41,6 +42,7 @@ from configurator import configure, die
 from model import trained_alpha
 from toolkit.common import load_model, run_folder
 from toolkit.data import atomic_write, decode, encode, encode_prompt
+from toolkit.dictionary import attach_file
 from toolkit.graph_page import graph_json, neuron_notes, page
 from toolkit.neurons import is_topk, run_eval_tokens
 from toolkit.pruning import prune, scores
@@ -50,6 +52,7 @@ out_dir = 'out'  # the run to trace (its ckpt.pt), or a checkpoint file
 prompt = 'The story began'  # the text whose next token is explained (after <|endoftext|>)
 target = ''  # the next token to explain, e.g. " rain" (one token); '' = the likeliest, up to 95% and 10
 dense_neurons = False  # the dense blocks' neurons as nodes too, instead of one error node per position
+transcoders = ''  # a folder of sae.py's transcoder_layerL.pt for this dense run: their latents are the nodes
 node_threshold = 0.8  # keep nodes up to this share of influence on the logits
 edge_threshold = 0.98  # then edges up to this share
 check_nodes = 20  # the pruned graph's most influential neurons checked against the real model
@@ -105,13 +108,21 @@ def frozen_ln(ln, x, inv_scale):
     return y + ln.bias if ln.bias is not None else y
 
 
-def frozen_forward(model, rec, emb, sources, follow=None):
+def written(mlp, z):
+    """What a block's MLP writes into the residual stream for activations z (T, d_ff): c_proj(z)
+    with its bias; for a transcoder in the MLP's place, its decoder's W_dec z + b_pre."""
+    return mlp.c_proj(z) + (mlp.coder.b_pre if hasattr(mlp, "coder") else 0)
+
+
+def frozen_forward(model, rec, emb, sources, errors, tokens, follow=None):
     """Step 2: the residual stream from the source values through the frozen model. emb (T, C);
-    sources[l] is (T, d_ff) neuron activations (c_proj adds them up) or (T, C) an error vector
-    per position (added as it is). follow: {layer: gains (T, d_ff)} for layers whose activations
-    are not sources but follow their pre-activations linearly, gain x pre-activation (step 6: the
-    recorded selection and GELU gain, gain(), with a node's set to 0 to remove it). Returns
-    (pre-activations per block (T, d_ff), the last position's logits)."""
+    sources[l] (T, d_ff): a node layer's activations, written by written(); errors[l] (T, C): an
+    error vector per position, added as it is (a layer with neither writes its bias alone).
+    follow: {layer: gains (T, d_ff)} for layers whose activations are not sources but follow
+    their pre-activations linearly, gain x pre-activation (step 6: the recorded selection and GELU
+    gain, gain(), with a node's set to 0 to remove it). Returns (pre-activations per block
+    (T, d_ff), the last position's logits of `tokens`: only those, as the rest of lm_head's 50k
+    rows would cost every backward pass a full unembedding)."""
     x, pre = emb, []
     for l, (block, r) in enumerate(zip(model.transformer.h, rec["blocks"])):
         attn, C = block.attn, emb.size(1)
@@ -121,15 +132,9 @@ def frozen_forward(model, rec, emb, sources, follow=None):
         y = (r["pattern"] @ v).transpose(0, 1).reshape(len(h), C)
         x = x + attn.c_proj(y)
         pre.append(block.mlp.c_fc(frozen_ln(block.ln_2, x, r["s2"])))
-        mlp = block.mlp
-        if follow is not None and l in follow:
-            x = x + mlp.c_proj(pre[-1] * follow[l])
-        elif sources[l].size(1) == mlp.c_proj.in_features:
-            x = x + mlp.c_proj(sources[l])
-        else:
-            x = x + sources[l] + (mlp.c_proj.bias if mlp.c_proj.bias is not None else 0)
-    logits = model.lm_head(frozen_ln(model.transformer.ln_f, x[-1:], rec["sf"][-1:]))[0]
-    return pre, logits
+        z = pre[-1] * follow[l] if follow is not None and l in follow else sources.get(l, torch.zeros_like(pre[-1]))
+        x = x + written(block.mlp, z) + errors.get(l, 0)
+    return pre, F.linear(frozen_ln(model.transformer.ln_f, x[-1:], rec["sf"][-1:]), model.lm_head.weight[tokens])[0]
 
 
 def gain(r):
@@ -139,11 +144,13 @@ def gain(r):
 
 
 def node_layers(model, dense_neurons=False):
-    """(layers whose neurons are nodes, layers that are one error node per position): the TopK
-    blocks and the dense ones, unless dense_neurons makes every block's neurons nodes."""
-    n = len(model.transformer.h)
-    neurons = [l for l in range(n) if dense_neurons or is_topk(model, l)]
-    return neurons, [l for l in range(n) if l not in neurons]
+    """(layers whose neurons are nodes, layers with one error node per position): the TopK blocks
+    are node layers with no error, the dense ones error layers, unless dense_neurons makes every
+    block's neurons nodes. A transcoder in a block's place is both: its latents are nodes, and
+    what it misses of the MLP's output is the error."""
+    blocks = model.transformer.h
+    neurons = [l for l in range(len(blocks)) if dense_neurons or is_topk(model, l)]
+    return neurons, [l for l in range(len(blocks)) if l not in neurons or hasattr(blocks[l].mlp, "coder")]
 
 
 def logit_targets(logits, max_targets=10, cum_prob=0.95):
@@ -162,7 +169,7 @@ def attribute(model, idx, targets=None, dense_neurons=False, max_targets=10, cum
     source node (a neuron's value; 1 for the others, whose vector is in the edge); value of each
     target (pre-activation or logit) and its bias terms; the logit targets' probabilities (the
     given targets, or logit_targets())."""
-    if any(not block.mlp.act.annealed for l, block in enumerate(model.transformer.h) if is_topk(model, l)):
+    if any(not getattr(block.mlp.act, "annealed", True) for l, block in enumerate(model.transformer.h) if is_topk(model, l)):
         raise ValueError("the model is not fully sparse (alpha > 0): trace a checkpoint after annealing ended")
     rec = record(model, idx)
     probs_all = rec["logits"].softmax(-1)
@@ -182,65 +189,80 @@ def attribute(model, idx, targets=None, dense_neurons=False, max_targets=10, cum
     # the sources as leaves of the frozen model
     wte, wpe = model.transformer.wte, model.transformer.wpe
     emb = (wte(idx) + wpe(torch.arange(T, device=idx.device))).detach().requires_grad_()
-    sources = {**{l: rec["blocks"][l]["act"].detach().clone() for l in neuron_layers},
-               **error_vectors(model, rec, error_layers)}
-    sources = {l: sources[l].requires_grad_() for l in range(len(sources))}
-    with torch.enable_grad():
-        pre, logits = frozen_forward(model, rec, emb, sources)
-        values = target_values(pre, logits, neurons, target_ids)
-        leaves = [emb] + list(sources.values())
-        rows = []
-        for c0 in range(0, len(values), chunk):  # a batch of one-hot cotangents per backward pass
-            n = min(chunk, len(values) - c0)
-            cot = torch.zeros(n, len(values), device=values.device)
-            cot[torch.arange(n), torch.arange(c0, c0 + n)] = 1
-            grads = torch.autograd.grad(values, leaves, cot, retain_graph=True, is_grads_batched=True)
-            rows.append(source_columns(grads, emb, sources, neurons, error_layers))
+    sources = {l: rec["blocks"][l]["act"].detach().clone().requires_grad_() for l in neuron_layers}
+    errors = {l: e.requires_grad_() for l, e in error_vectors(model, rec, error_layers, neuron_layers).items()}
     n_feat, n_err = len(neurons), len(error_layers) * T
-    edges = torch.cat(rows)
-    A = torch.zeros(len(nodes), len(nodes), device=idx.device, dtype=edges.dtype)
-    A[:n_feat, :n_feat + n_err + T] = edges[:n_feat]
-    A[-len(target_ids):, :n_feat + n_err + T] = edges[n_feat:]
+    A = torch.zeros(len(nodes), len(nodes), device=idx.device, dtype=emb.dtype)
+    with torch.enable_grad():
+        pre, logits = frozen_forward(model, rec, emb, sources, errors, target_ids)
+        # the targets a layer at a time (the logits last), each backward pass only through the blocks below it
+        groups = [(l, pre[l][p, j]) for l, (p, j) in by_layer(neurons).items()] + [(len(rec["blocks"]), logits)]
+        row = 0
+        for l, values in groups:
+            below = [(m, p, j) for m, p, j in neurons if m < l]  # a prefix: neurons are ordered by layer
+            src, err = {m: sources[m] for m in sources if m < l}, {m: errors[m] for m in errors if m < l}
+            row0 = row if l < len(rec["blocks"]) else len(nodes) - len(target_ids)
+            for c0 in range(0, len(values), chunk):  # a batch of one-hot cotangents per backward pass
+                n = min(chunk, len(values) - c0)
+                cot = torch.zeros(n, len(values), device=values.device)
+                cot[torch.arange(n), torch.arange(c0, c0 + n)] = 1
+                grads = torch.autograd.grad(values, [emb, *src.values(), *err.values()], cot, retain_graph=True,
+                                            is_grads_batched=True)
+                from_neurons, from_errors, from_tokens = source_columns(grads, emb, src, err, below)
+                rows = slice(row0 + c0, row0 + c0 + n)
+                A[rows, :len(below)] = from_neurons
+                A[rows, n_feat:n_feat + from_errors.size(1)] = from_errors  # errors too are ordered by layer
+                A[rows, n_feat + n_err:n_feat + n_err + T] = from_tokens
+            row += len(values)
+        values = torch.cat([v for _, v in groups]).detach()
     with torch.no_grad():  # every source at zero: what the biases alone give each target
-        zeros = {l: torch.zeros_like(s) for l, s in sources.items()}
-        bias = target_values(*frozen_forward(model, rec, torch.zeros_like(emb), zeros), neurons, target_ids)
-    activation = torch.ones(len(nodes), device=idx.device, dtype=edges.dtype)
+        bias = target_values(*frozen_forward(model, rec, torch.zeros_like(emb), {}, {}, target_ids), neurons)
+    activation = torch.ones(len(nodes), device=idx.device, dtype=A.dtype)
     if neurons:
         activation[:n_feat] = torch.stack([rec["blocks"][l]["act"][p, j] for l, p, j in neurons])
-    return dict(nodes=nodes, adjacency=A.detach(), activation=activation, values=values.detach(), bias=bias,
+    return dict(nodes=nodes, adjacency=A, activation=activation, values=values, bias=bias,
                 logit_ids=target_ids, logit_probabilities=target_p, n_neurons=n_feat, n_errors=n_err, n_tokens=T,
-                record=rec)
+                record=rec, neuron_layers=neuron_layers, error_layers=error_layers)
 
 
-def error_vectors(model, rec, layers):
-    """{layer: its MLP's output less c_proj's bias (a bias term), (T, C)}: the error nodes' vectors."""
-    bias = lambda l: model.transformer.h[l].mlp.c_proj.bias
-    return {l: (rec["blocks"][l]["mlp_out"] - (bias(l) if bias(l) is not None else 0)).detach() for l in layers}
+@torch.no_grad()
+def error_vectors(model, rec, layers, node_layers):
+    """{layer: (T, C)}, the error nodes' vectors: the MLP's output less what written() gives for
+    the layer's node activations (none in a dense block: its bias alone, a bias term)."""
+    out = {}
+    for l in layers:
+        act = rec["blocks"][l]["act"]
+        out[l] = rec["blocks"][l]["mlp_out"] - written(model.transformer.h[l].mlp, act if l in node_layers else 0 * act)
+    return out
 
 
-def target_values(pre, logits, neurons, target_ids):
-    """The targets' values in node order: the neurons' pre-activations, then the logits."""
-    return torch.cat([torch.stack([pre[l][p, j] for l, p, j in neurons]) if neurons else logits[:0],
-                      logits[target_ids]])
-
-
-def source_columns(grads, emb, sources, neurons, error_layers):
-    """Edges into a chunk of targets from every source, from the targets' gradients with respect
-    to the leaves: a neuron's is its activation times its gradient; an error node's and a token's,
-    the dot product of its vector with its gradient."""
-    g_emb, g_src = grads[0], grads[1:]
-    cols = []
-    by_layer = {}
+def by_layer(neurons):
+    """{layer: (positions, indices)} of (layer, position, index) triples ordered by layer."""
+    out = {}
     for l, p, j in neurons:
-        by_layer.setdefault(l, ([], []))
-        by_layer[l][0].append(p)
-        by_layer[l][1].append(j)
-    for l, (p, j) in by_layer.items():  # neurons are ordered by layer, so the columns line up
-        cols.append(g_src[l][:, p, j] * sources[l].detach()[p, j])
-    for l in error_layers:
-        cols.append((g_src[l] * sources[l].detach()).sum(-1))
-    cols.append((g_emb * emb.detach()).sum(-1))
-    return torch.cat(cols, 1)
+        out.setdefault(l, ([], []))
+        out[l][0].append(p)
+        out[l][1].append(j)
+    return {l: (torch.tensor(p), torch.tensor(j)) for l, (p, j) in out.items()}
+
+
+def target_values(pre, logits, neurons):
+    """The targets' values in node order: the neurons' pre-activations, then the logits."""
+    return torch.cat([pre[l][p, j] for l, (p, j) in by_layer(neurons).items()] + [logits])
+
+
+def source_columns(grads, emb, sources, errors, neurons):
+    """Edges into a chunk of targets from the sources below them, from the targets' gradients with
+    respect to the leaves (emb, sources', errors' in order), as (from neurons, from error nodes,
+    from tokens): a neuron's is its activation times its gradient; an error node's and a token's,
+    the dot product of its vector with its gradient."""
+    g_emb = grads[0]
+    g_src = dict(zip(sources, grads[1:1 + len(sources)]))
+    g_err = dict(zip(errors, grads[1 + len(sources):]))
+    empty = g_emb.new_zeros(len(g_emb), 0)
+    from_neurons = [g_src[l][:, p, j] * sources[l].detach()[p, j] for l, (p, j) in by_layer(neurons).items()]
+    from_errors = [(g_err[l] * e.detach()).sum(-1) for l, e in errors.items()]
+    return torch.cat([empty] + from_neurons, 1), torch.cat([empty] + from_errors, 1), (g_emb * emb.detach()).sum(-1)
 
 
 @torch.no_grad()
@@ -248,19 +270,18 @@ def predicted_effects(model, graph, node_ids, target=0):
     """Step 6, the graph's side: per neuron node, the change of the target logit (index into the
     logit targets) when that neuron is zeroed in the frozen model, every later neuron following
     its pre-activation with the recorded selection and GELU gain, dense blocks' outputs held."""
-    rec, n_layer = graph["record"], len(model.transformer.h)
-    neuron_layers, _ = node_layers(model)
+    rec, neuron_layers, error_layers = graph["record"], graph["neuron_layers"], graph["error_layers"]
     idx = torch.tensor([n[3] for n in graph["nodes"] if n[0] == "token"], device=graph["adjacency"].device)
     emb = model.transformer.wte(idx) + model.transformer.wpe(torch.arange(len(idx), device=idx.device))
-    held = error_vectors(model, rec, [l for l in range(n_layer) if l not in neuron_layers])
-    token = graph["logit_ids"][target]
-    base = frozen_forward(model, rec, emb, held, follow={l: gain(rec["blocks"][l]) for l in neuron_layers})[1][token]
+    held = error_vectors(model, rec, error_layers, neuron_layers)
+    token = graph["logit_ids"][target:target + 1]
+    base = frozen_forward(model, rec, emb, {}, held, token, {l: gain(rec["blocks"][l]) for l in neuron_layers})[1][0]
     out = []
     for i in node_ids:
         _, l, p, j = graph["nodes"][i]
         gains = {m: gain(rec["blocks"][m]) for m in neuron_layers}
         gains[l][p, j] = 0
-        out.append((frozen_forward(model, rec, emb, held, follow=gains)[1][token] - base).item())
+        out.append((frozen_forward(model, rec, emb, {}, held, token, gains)[1][0] - base).item())
     return out
 
 
@@ -306,6 +327,21 @@ def check(model, graph, node_influence, keep, n=20):
     return order, predicted, measured, r
 
 
+def attach_transcoders(model, folder):
+    """Each transcoder_layerL.pt of sae.py's folder in its block, in observe mode (the model's
+    output is unchanged; a latent's change adds its decoder column)."""
+    names = sorted(f for f in os.listdir(folder) if re.fullmatch(r"transcoder_layer\d+\.pt", f)) \
+        if os.path.isdir(folder) else []
+    if not names:
+        die(f"--transcoders={folder} holds no transcoder_layerL.pt (sae.py --kind=transcoder writes them to "
+            "OUT_DIR/sae/)")
+    for name in names:
+        layer = attach_file(model, os.path.join(folder, name))
+        if not model.transformer.h[layer].mlp.coder.transcoder:
+            die(f"{os.path.join(folder, name)} is an SAE, not a transcoder: an SAE reads the MLP's output, which "
+                "is not linear in the residual stream, so its latents cannot be traced")
+
+
 def main():
     configure(globals())
     if not os.path.exists(os.path.join(out_dir, 'ckpt.pt') if os.path.isdir(out_dir) else out_dir):
@@ -313,13 +349,15 @@ def main():
     if not (0 < node_threshold <= 1 and 0 < edge_threshold <= 1):
         die(f"--node_threshold and --edge_threshold must be in (0, 1], got {node_threshold} and {edge_threshold}")
     model, ckpt = load_model(out_dir, 'cpu')
+    if transcoders:
+        attach_transcoders(model, transcoders)
     alpha = trained_alpha(ckpt)
     if alpha > 0:
         die(f"{out_dir} was saved at iteration {ckpt['iter_num']}, alpha {alpha:.3f}: its neurons are not yet sparse; "
             "trace a checkpoint from after annealing ended")
     if not dense_neurons and not any(is_topk(model, l) for l in range(len(model.transformer.h))):
         die(f"{out_dir} is a dense model (topk = 0): it has no TopK neurons; give --dense_neurons=True to trace its "
-            "neurons")
+            "neurons, or --transcoders=FOLDER to trace transcoders' latents")
     ids = encode_prompt(prompt, '--prompt')
     if len(ids) > model.config.block_size:
         die(f"--prompt is {len(ids)} tokens with <|endoftext|>; the context holds {model.config.block_size}")
@@ -331,7 +369,7 @@ def main():
         targets = t
     graph = attribute(model, torch.tensor(ids), targets, dense_neurons)
     keep, edges, node_influence = prune(graph, node_threshold, edge_threshold)
-    replacement, completeness = scores(graph)
+    replacement, completeness = scores(graph, node_influence)
     order, predicted, measured, r = check(model, graph, node_influence, keep, check_nodes)
     nodes = graph["nodes"]
     print(f"prompt: {prompt!r} ({len(ids)} tokens with <|endoftext|>)")
