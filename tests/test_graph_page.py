@@ -56,3 +56,20 @@ def test_the_page_renders_and_shows_a_neurons_contexts_on_a_click(planted, tmp_p
         browser.close()
     assert not errors and circles == len(data['nodes']) and lines == len(data['links'])
     assert picked == f"neuron 1:5 at {len(PROMPT) - 1}" and '[[job]]' in contexts
+
+
+def test_a_dense_graphs_page_renders_every_link(planted, tmp_path):
+    """A dense twin's graph keeps 10^5 edges: the page draws them all (no argument list that long)."""
+    _, _, data, _ = planted
+    links = data['links'] * (200_000 // len(data['links']) + 1)
+    path = tmp_path / 'dense.html'
+    path.write_text(graph_page.page(dict(data, links=links), {}))
+    errors = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=['--no-sandbox'])
+        page = browser.new_page()
+        page.on('pageerror', lambda e: errors.append(str(e)))
+        page.goto(f'file://{path}')
+        lines = page.locator('line.link').count()
+        browser.close()
+    assert not errors and lines == len(links)

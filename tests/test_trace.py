@@ -186,7 +186,7 @@ def test_the_script_traces_a_dense_run_through_its_transcoders(tiny_runs, tmp_pa
     printed = run_main('toolkit.trace', f'--out_dir={run}', '--prompt=Anna saw the job', f'--transcoders={tmp_path}',
                        '--eval_tokens=0')
     assert 'replacement score' in printed and re.search(r"nodes: [1-9]\d* neurons, 15 error nodes", printed)
-    graph = json.loads((run / 'analysis' / 'graph_anna_saw_the_job.json').read_text())
+    graph = json.loads((run / 'analysis' / 'graph_anna_saw_the_job_transcoders.json').read_text())
     assert {n['layer'] for n in graph['nodes'] if n['feature_type'] == 'cross layer transcoder'} <= {'0', '1'}
 
 

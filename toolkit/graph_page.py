@@ -95,7 +95,7 @@ const DATA = __DATA__;
 const g = DATA.graph, nodes = g.nodes, links = g.links;
 const tokens = g.metadata.prompt_tokens;
 const rowOf = n => n.layer === 'E' ? 0 : n.feature_type === 'logit' ? +n.layer : +n.layer + 1;  // logits: n_layer + 1
-const nRows = Math.max(...nodes.map(rowOf)) + 1, colW = 110, rowH = 70;
+const nRows = nodes.reduce((m, n) => Math.max(m, rowOf(n)), 0) + 1, colW = 110, rowH = 70;
 const cells = {};
 nodes.forEach(n => { const k = rowOf(n) + ',' + n.ctx_idx; (cells[k] = cells[k] || []).push(n); });
 Object.values(cells).forEach(list => list.forEach((n, i) => {
@@ -105,7 +105,7 @@ Object.values(cells).forEach(list => list.forEach((n, i) => {
 const byId = Object.fromEntries(nodes.map(n => [n.node_id, n]));
 const svg = document.getElementById('graph'), NS = 'http://www.w3.org/2000/svg';
 svg.setAttribute('width', 120 + tokens.length * colW); svg.setAttribute('height', 60 + nRows * rowH);
-const maxW = Math.max(...links.map(l => Math.abs(l.weight)), 1e-9);
+const maxW = links.reduce((m, l) => Math.max(m, Math.abs(l.weight)), 1e-9);  // no spread: a dense graph has 10^5 links
 links.forEach(l => {
   const s = byId[l.source], t = byId[l.target], e = document.createElementNS(NS, 'line');
   e.setAttribute('x1', s.x); e.setAttribute('y1', s.y); e.setAttribute('x2', t.x); e.setAttribute('y2', t.y);

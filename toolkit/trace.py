@@ -391,6 +391,7 @@ def main():
                  check=[dict(node=f"{nodes[i][1]}_{nodes[i][3]}_{nodes[i][2]}", predicted=p, measured=m)
                         for i, p, m in zip(order, predicted, measured)])
     slug = "".join(c if c.isalnum() else "_" for c in prompt.strip().lower())[:40].strip("_")
+    slug += "_transcoders" if transcoders else "_neurons" if dense_neurons else ""  # the routes side by side
     model_json = graph_json(graph, keep, edges, node_influence, prompt, slug, len(model.transformer.h), clerps, extra)
     folder = os.path.join(run_folder(out_dir), 'analysis')
     files = {f'graph_{slug}.json': json.dumps(model_json), f'graph_{slug}.html': page(model_json, contexts)}
