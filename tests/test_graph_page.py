@@ -29,6 +29,19 @@ def planted(tiny_model):
     return graph, keep, data, f"1_5_{len(PROMPT) - 1}"
 
 
+def opened(path, look):
+    """(the page's script errors, look(page)) for the page at path in headless Chromium."""
+    errors = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=['--no-sandbox'])
+        page = browser.new_page()
+        page.on('pageerror', lambda e: errors.append(str(e)))
+        page.goto(f'file://{path}')
+        seen = look(page)
+        browser.close()
+    return errors, seen
+
+
 def test_the_file_holds_the_kept_nodes_with_their_cumulative_influence(planted):
     graph, keep, data, planted_id = planted
     assert len(data['nodes']) == int(keep.sum())
@@ -43,17 +56,11 @@ def test_the_page_renders_and_shows_a_neurons_contexts_on_a_click(planted, tmp_p
     _, _, data, planted_id = planted
     path = tmp_path / 'graph.html'
     path.write_text(graph_page.page(data, {planted_id: ['  1.000  the [[job]] market']}))
-    errors = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=['--no-sandbox'])
-        page = browser.new_page()
-        page.on('pageerror', lambda e: errors.append(str(e)))
-        page.goto(f'file://{path}')
-        circles = page.locator('circle.node').count()
-        lines = page.locator('line.link').count()
+    def look(page):
+        counts = page.locator('circle.node').count(), page.locator('line.link').count()
         page.click(f'#n-{planted_id}')
-        picked, contexts = page.inner_text('#picked'), page.inner_text('#contexts')
-        browser.close()
+        return counts, page.inner_text('#picked'), page.inner_text('#contexts')
+    errors, ((circles, lines), picked, contexts) = opened(path, look)
     assert not errors and circles == len(data['nodes']) and lines == len(data['links'])
     assert picked == f"neuron 1:5 at {len(PROMPT) - 1}" and '[[job]]' in contexts
 
@@ -64,12 +71,5 @@ def test_a_dense_graphs_page_renders_every_link(planted, tmp_path):
     links = data['links'] * (200_000 // len(data['links']) + 1)
     path = tmp_path / 'dense.html'
     path.write_text(graph_page.page(dict(data, links=links), {}))
-    errors = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=['--no-sandbox'])
-        page = browser.new_page()
-        page.on('pageerror', lambda e: errors.append(str(e)))
-        page.goto(f'file://{path}')
-        lines = page.locator('line.link').count()
-        browser.close()
+    errors, lines = opened(path, lambda page: page.locator('line.link').count())
     assert not errors and lines == len(links)
