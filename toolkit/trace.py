@@ -6,6 +6,10 @@ transcoder's features would, with no reconstruction error; only the dense tail i
 
     python -m toolkit.trace --out_dir=out-toy --prompt="The chef added salt to the"
 
+The same steps trace the routes a TopK LM is measured against (trace_compare.py): a dense twin's
+neurons as nodes (--dense_neurons), or post-hoc transcoders in its MLPs' place (--transcoders),
+their latents as nodes and what they miss of each MLP's output as error nodes.
+
 The method, in the steps below:
 1. record: one pass of the real model on the prompt keeps what the graph holds fixed, each
    LayerNorm's scale 1/sigma, each head's attention pattern, every MLP's pre-activations and
