@@ -22,6 +22,8 @@ reports are at the end: splice cost, FVU, and matching two dictionaries.
 """
 import contextlib
 import math
+import os
+import re
 import time
 
 import numpy as np
@@ -205,6 +207,21 @@ def attach_file(model, path):
     block = model.transformer.h[meta['layer']]
     block.mlp = DictionarySite(block.mlp, coder)
     return meta['layer']
+
+
+def attach_transcoders(model, folder):
+    """Each transcoder_layerL.pt of sae.py's folder in its block, in observe mode (the model's
+    output is unchanged; a latent's change adds its decoder column): what trace.py follows."""
+    names = sorted(f for f in os.listdir(folder) if re.fullmatch(r"transcoder_layer\d+\.pt", f)) \
+        if os.path.isdir(folder) else []
+    if not names:
+        die(f"{folder} holds no transcoder_layerL.pt (sae.py --kind=transcoder writes them to "
+            "OUT_DIR/sae/)")
+    for name in names:
+        layer = attach_file(model, os.path.join(folder, name))
+        if not model.transformer.h[layer].mlp.coder.transcoder:
+            die(f"{os.path.join(folder, name)} is an SAE, not a transcoder: an SAE reads the MLP's output, which "
+                "is not linear in the residual stream, so its latents cannot be traced")
 
 
 # -----------------------------------------------------------------------------

@@ -36,7 +36,6 @@ Nodes are ordered as circuit-tracer orders them: neurons (by layer, position, in
 import json
 import math
 import os
-import re
 
 import numpy as np
 import torch
@@ -46,7 +45,7 @@ from configurator import configure, die
 from model import trained_alpha
 from toolkit.common import load_model, run_folder
 from toolkit.data import atomic_write, decode, encode, encode_prompt
-from toolkit.dictionary import attach_file
+from toolkit.dictionary import attach_transcoders
 from toolkit.graph_page import graph_json, neuron_notes, page
 from toolkit.neurons import is_topk, run_eval_tokens
 from toolkit.pruning import prune, scores
@@ -329,21 +328,6 @@ def check(model, graph, node_influence, keep, n=20):
     predicted, measured = predicted_effects(model, graph, order), measured_effects(model, graph, order)
     r = float(np.corrcoef(predicted, measured)[0, 1]) if len(order) >= 3 else float("nan")
     return order, predicted, measured, r
-
-
-def attach_transcoders(model, folder):
-    """Each transcoder_layerL.pt of sae.py's folder in its block, in observe mode (the model's
-    output is unchanged; a latent's change adds its decoder column)."""
-    names = sorted(f for f in os.listdir(folder) if re.fullmatch(r"transcoder_layer\d+\.pt", f)) \
-        if os.path.isdir(folder) else []
-    if not names:
-        die(f"--transcoders={folder} holds no transcoder_layerL.pt (sae.py --kind=transcoder writes them to "
-            "OUT_DIR/sae/)")
-    for name in names:
-        layer = attach_file(model, os.path.join(folder, name))
-        if not model.transformer.h[layer].mlp.coder.transcoder:
-            die(f"{os.path.join(folder, name)} is an SAE, not a transcoder: an SAE reads the MLP's output, which "
-                "is not linear in the residual stream, so its latents cannot be traced")
 
 
 def main():

@@ -26,7 +26,8 @@ from configurator import configure, die
 from toolkit.common import load_checkpoint, load_model
 from toolkit.data import atomic_write, decode, encode, read_shard, shard_paths
 from toolkit.pruning import prune, scores
-from toolkit.trace import attach_transcoders, attribute, check
+from toolkit.dictionary import attach_transcoders
+from toolkit.trace import attribute, check
 
 # -----------------------------------------------------------------------------
 topk = ''  # TopK runs, comma-separated (one per seed)
