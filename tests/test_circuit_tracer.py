@@ -1,6 +1,7 @@
 """trace.py against circuit-tracer (decoderesearch/circuit-tracer, PyPI circuit-tracer 0.5.0): its
 attribution graph of a TopK LM, whose TopK blocks' MLPs are hosted as circuit-tracer
-SingleLayerTranscoders with no reconstruction error, has trace.attribute's edges.
+SingleLayerTranscoders with no reconstruction error, has trace.attribute's edges; and the graph
+file trace.py writes is read by circuit-tracer's own graph model (the one its viewer's server uses).
 
 The MLP as a transcoder: encoder c_fc reading blocks.L.mlp.hook_in (ln_2's output, LayerNorm's
 weight and bias applied; its 1/sigma frozen by circuit-tracer), the model's own TopK as the
@@ -21,6 +22,8 @@ Where circuit-tracer's conventions differ from trace.py's, the test sets them to
 circuit-tracer comes from toolkit/requirements-circuit-tracer.txt (installed without its
 dependencies: that file says why).
 """
+import shutil
+
 import pytest
 import torch
 
@@ -28,6 +31,7 @@ from conftest import TRACE_PROMPT as PROMPT, import_or_skip
 import_or_skip(("transformers", "transformer_lens", "circuit_tracer"), "toolkit/requirements-circuit-tracer.txt")
 
 from circuit_tracer import attribute as circuit_tracer_attribute  # noqa: E402
+from circuit_tracer.frontend import graph_models as circuit_tracer_graph  # noqa: E402
 from circuit_tracer.replacement_model.replacement_model_transformerlens import (  # noqa: E402
     TransformerLensReplacementModel)
 from circuit_tracer.transcoder import SingleLayerTranscoder, TranscoderSet  # noqa: E402
@@ -98,3 +102,21 @@ def test_circuit_tracers_graph_of_a_topk_lm_has_trace_pys_edges(tiny_model, tmp_
     rest = torch.ones(len(B), dtype=torch.bool)
     rest[index] = False
     assert rest.sum() == (L - 1) * T and B[:, rest].abs().max() < 1e-6  # the TopK blocks' errors: none
+
+
+def test_trace_pys_graph_file_is_read_by_circuit_tracers_graph_model(tiny_runs, tmp_path, run_main):
+    run = tmp_path / 'topk'
+    shutil.copytree(tiny_runs / 'topk', run)
+    run_main('toolkit.trace', f'--out_dir={run}', '--prompt=Anna saw the job', '--node_threshold=1.0')
+    text = (run / 'analysis' / 'graph_anna_saw_the_job.json').read_text()
+    graph = circuit_tracer_graph.Model.model_validate_json(text)  # what its viewer's server loads
+    assert graph.metadata.prompt_tokens == ['<|endoftext|>', 'Anna', ' saw', ' the', ' job']
+    ids = [node.node_id for node in graph.nodes]
+    assert len(set(ids)) == len(ids) and {'embedding', 'logit', 'cross layer transcoder'} <= {
+        node.feature_type for node in graph.nodes}
+    for node in graph.nodes:  # a neuron's id and feature as circuit-tracer's own constructor makes them
+        if node.feature_type == 'cross layer transcoder':
+            layer, j, pos = map(int, node.node_id.split('_'))
+            made = circuit_tracer_graph.Node.feature_node(layer, pos, j)
+            assert (node.node_id, node.feature, node.layer, node.ctx_idx) == (made.node_id, made.feature, made.layer, made.ctx_idx)
+    assert all(circuit_tracer_graph.Link(**link).source in ids for link in graph.links)
