@@ -14,12 +14,13 @@ baseline's perplexity (all of them with --full_sweep=True; if the strongest is s
 doubled while fluent up to --max_scale), then --refine more strengths are tried by bisection where
 fluency breaks; the best hit rate within the bound is kept. The finalists are swept side by side,
 each round of strengths sampled as one batch. The last output
-line is one JSON object. The sweep is toolkit/sweep.py, and its steer_concept() is the same search
+line is one JSON object (with the seconds spent loading and searching, and steering). The sweep is toolkit/sweep.py, and its steer_concept() is the same search
 and sweep as a call (sae.py uses it).
 """
 import json
 import math
 import os
+import time
 
 from configurator import configure, die
 from toolkit.common import load_model, resolve_device, run_folder
@@ -77,6 +78,7 @@ except ValueError:
 prompt_list = prompts.split('|')
 prompt_ids = [encode_prompt(p, '--prompts') for p in prompt_list]  # before loading the model: dies on an empty prompt
 
+started = time.perf_counter()
 # the model, and the layer: with a dictionary, its site, whose latents are steered as neurons
 model, ckpt = load_model(out_dir, resolve_device(device))
 if cpu_fast:
@@ -119,6 +121,7 @@ else:
 if absolute:  # the strength is the value itself, not a multiple of a max
     finalists = [dict(f, peak=None) for f in finalists]
 
+searched = time.perf_counter()
 # the steering: each finalist's samples with its neuron set (toolkit/neurons.py's hook) beside the
 # baseline from the same seeds; hit rate and fluency (perplexity under the unsteered model) of each
 strengths = [value] if absolute else [scale] if not math.isnan(scale) else sweep_scales
@@ -126,6 +129,7 @@ settings = dict(num_samples=num_samples, max_new_tokens=max_new_tokens, temperat
 pattern = hit_pattern(words) if words else None
 results, win = steer_finalists(model, finalists, strengths, prompt_ids, pattern, settings, refine, max_ppl_ratio,
                                full_sweep, max_scale if strengths is sweep_scales else 0)
+steered = time.perf_counter()
 
 
 def quality_text(r, with_hits):
@@ -170,4 +174,5 @@ print(json.dumps({'layer': best['layer'], 'neuron': best['neuron'], 'value': kep
                   'baseline_ppl': base['ppl'], 'steered_ppl': kept['ppl'],
                   'scale': None if absolute else kept['scale'], 'signals': best['signals'],
                   'sweep': [{k: r[k] for k in ('scale', 'value', 'hit_rate', 'ppl')} for r in sweep],
-                  'finalists': [f"{f['layer']}:{f['neuron']}" for f, *_ in results]}))
+                  'finalists': [f"{f['layer']}:{f['neuron']}" for f, *_ in results],
+                  'seconds': {'load_and_search': searched - started, 'steering': steered - searched}}))

@@ -159,7 +159,8 @@ def test_steer_searches_a_concept_and_sweeps_the_strength_end_to_end(copied_runs
     lines = printed.strip().splitlines()
     result = json.loads(lines[-1])
     assert {'layer', 'neuron', 'value', 'baseline_hit_rate', 'steered_hit_rate', 'baseline_ppl', 'steered_ppl',
-            'scale', 'signals', 'sweep', 'finalists'} == set(result)
+            'scale', 'signals', 'sweep', 'finalists', 'seconds'} == set(result)
+    assert set(result['seconds']) == {'load_and_search', 'steering'} and min(result['seconds'].values()) > 0
     assert len(result['finalists']) == 4 and f"{result['layer']}:{result['neuron']}" in result['finalists']
     assert result['layer'] in (0, 1)  # a TopK layer
     scales = [s['scale'] for s in result['sweep']]  # the grid 1, 3 (3 unless 1 broke fluency), bisections between
