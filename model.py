@@ -263,12 +263,15 @@ class GPT(nn.Module):
         return 6 * self.get_num_params() + 12 * cfg.n_layer * cfg.block_size * cfg.n_embd
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, generators=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, generators=None,
+                 vocab_size=None):
         """Sample max_new_tokens continuations of idx (B, T). With use_cache, keys and values
         are kept so each step runs one token; past block_size it falls back to re-running
         the last block_size tokens, as without cache (positions are absolute). generators: one
         torch.Generator per equal block of consecutive rows, so a block draws what it would draw
-        alone from its generator whatever rows sit beside it; None: torch's global generator."""
+        alone from its generator whatever rows sit beside it; None: torch's global generator.
+        vocab_size: the tokenizer's, below config.vocab_size when the embedding is padded; the
+        padded ids are never drawn (they have no text, yet a strongly steered neuron can favour one)."""
         cache = None
         for _ in range(max_new_tokens):
             if idx.size(1) > self.config.block_size:
@@ -282,6 +285,8 @@ class GPT(nn.Module):
             else:
                 logits, _ = self(idx)
             logits = logits[:, -1, :]
+            if vocab_size is not None:
+                logits[:, vocab_size:] = float('-inf')
             if temperature == 0:  # greedy
                 idx_next = logits.argmax(dim=-1, keepdim=True)
             else:

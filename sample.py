@@ -8,7 +8,7 @@ import torch
 from configurator import configure, die
 from toolkit.common import autocast, load_model, resolve_device, resolve_dtype
 from toolkit.cpu_fast import enable as cpu_fast_paths
-from toolkit.data import decode, encode_prompt
+from toolkit.data import N_TOKENS, decode, encode_prompt
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the run to sample from (its ckpt.pt), or a checkpoint file
@@ -37,6 +37,6 @@ x = torch.tensor([prompt], dtype=torch.long, device=device)
 torch.manual_seed(seed)
 with autocast(device, resolve_dtype(dtype, device)):
     for _ in range(num_samples):
-        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None)
+        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, vocab_size=N_TOKENS)
         print(decode(y[0, 1:].tolist()))  # without the <|endoftext|> the prompt starts with
         print('---------------')

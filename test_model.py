@@ -230,6 +230,17 @@ def test_top_k_sampling_draws_only_among_the_k_likeliest_tokens(tiny_model):
     assert torch.equal(model.generate(torch.zeros(4, 3, dtype=torch.long), max_new_tokens=6, top_k=1), greedy)
 
 
+@pytest.mark.parametrize("temperature, top_k", [(0, None), (1.0, None), (1.0, 5)])
+def test_padded_ids_past_the_tokenizers_vocabulary_are_never_drawn(tiny_model, temperature, top_k):
+    model, prompt = tiny_model(**SMALL_VOCAB), torch.zeros(4, 2, dtype=torch.long)
+    favour = model.lm_head.register_forward_hook(lambda m, i, out: out + 100 * (torch.arange(out.size(-1)) >= 60))
+    torch.manual_seed(0)
+    assert (model.generate(prompt, 6, temperature=temperature, top_k=top_k)[:, 2:] >= 60).all()  # padded ids win
+    out = model.generate(prompt, 6, temperature=temperature, top_k=top_k, vocab_size=60)
+    favour.remove()
+    assert (out[:, 2:] < 60).all()
+
+
 def test_a_block_of_rows_with_its_own_generator_draws_what_it_draws_alone(tiny_model):
     model, prompt = tiny_model(**SMALL_VOCAB), torch.zeros(3, 2, dtype=torch.long)
     gen = lambda seed: torch.Generator().manual_seed(seed)

@@ -90,6 +90,15 @@ def test_each_set_sampled_in_a_batch_is_the_set_it_gives_alone(tiny_model):
     assert not torch.equal(together[0][0], together[1][0])  # the steering shows
 
 
+def test_a_sample_never_holds_a_padded_id_even_where_the_model_favours_one(tiny_model):
+    model = tiny_model()  # its embedding padded past the tokenizer's 50,257 ids, as every run's
+    padded = torch.arange(model.config.vocab_size) > EOT
+    favour = model.lm_head.register_forward_hook(lambda m, i, out: out + 100 * padded)  # as a far-pushed neuron can
+    sets, = sample_sets(model, [[EOT]], [None], num_samples=3, max_new_tokens=4, temperature=1.0, top_k=0, seed=0)
+    favour.remove()
+    assert (sets[0] <= EOT).all()
+
+
 def test_finalists_swept_side_by_side_are_swept_as_alone(tiny_model):
     """The planted neuron (below) flips greedy tokens only when pushed hard: its sweep bisects
     where fluency (max_ratio 1 + 1e-6) breaks; a neuron of layer 0 that writes nothing stays

@@ -14,6 +14,7 @@ from configurator import die
 
 EOT = 50256  # <|endoftext|> in GPT-2 BPE; it precedes every document
 VOCAB_SIZE = 50304  # GPT-2's 50257 padded up to a multiple of 64 for faster matmuls
+N_TOKENS = EOT + 1  # the tokenizer's vocabulary: ids from here to VOCAB_SIZE are padding, never text
 
 # -----------------------------------------------------------------------------
 # tokenizer

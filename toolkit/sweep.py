@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 import torch
 from torch.nn import functional as F
 
-from toolkit.data import atomic_write, decode, encode_prompt
+from toolkit.data import N_TOKENS, atomic_write, decode, encode_prompt
 from toolkit.neurons import steering_rows
 from toolkit.search import concept_search, concept_token_ids, trial_strength
 
@@ -58,7 +58,8 @@ def sample_sets(model, prompt_ids, steered, num_samples, max_new_tokens, tempera
         generators = [torch.Generator(dev).manual_seed(seed + i) for _ in steered]
         with steering_rows(model, [e for e in steered for _ in range(num_samples)]):
             y = model.generate(torch.tensor([ids] * (num_samples * len(steered)), device=dev), max_new_tokens,
-                               temperature=temperature, top_k=top_k or None, generators=generators)
+                               temperature=temperature, top_k=top_k or None, generators=generators,
+                               vocab_size=N_TOKENS)
         for sets, part in zip(out, y[:, len(ids):].cpu().split(num_samples)):
             sets.append(part)
     return out
