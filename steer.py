@@ -13,9 +13,9 @@ strength is swept over --scales from the weakest up to the first past --max_ppl_
 baseline's perplexity (all of them with --full_sweep=True; if the strongest is still fluent, it is
 doubled while fluent up to --max_scale), then --refine more strengths are tried by bisection where
 fluency breaks; the best hit rate within the bound is kept. The finalists are swept side by side,
-each round of strengths sampled as one batch. The last output
-line is one JSON object (with the seconds spent loading and searching, and steering). The sweep is toolkit/sweep.py, and its steer_concept() is the same search
-and sweep as a call (sae.py uses it).
+each round of strengths sampled as one batch. The last output line is one JSON object (with the
+seconds spent loading and searching, and steering). The sweep is toolkit/sweep.py, and its
+steer_concept() is the same search and sweep as a call (sae.py uses it).
 """
 import json
 import math
