@@ -51,6 +51,32 @@ def test_the_gpu_check_refuses_an_unknown_option(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_the_gpu_check_runs_only_the_steps_named_in_the_order_named(tmp_path):
+    run = subprocess.run([sys.executable, GPU, str(tmp_path), "--cpu-dry-run", "--steps=prepare"],
+                         env=ENV, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    with open(tmp_path / "summary.json") as f:
+        assert list(json.load(f)["steps"]) == ["prepare"]
+    gpu = gpu_script()
+    assert [name for name, *_ in gpu.steps(str(tmp_path), dry=False)][:3] == ["tests", "prepare", "train_toy"]
+
+
+def test_the_gpu_check_refuses_a_step_it_does_not_have(tmp_path):
+    run = subprocess.run([sys.executable, GPU, str(tmp_path / "out"), "--cpu-dry-run", "--steps=prepare,train_tiny"],
+                         env=ENV, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1 and len(run.stderr.strip().splitlines()) == 1
+    assert run.stderr.startswith(".ci/gpu: --steps names no step 'train_tiny'; the steps are prepare,train_toy,")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_gpu_checks_test_step_runs_the_files_that_hold_cuda_tests():
+    gpu = gpu_script()
+    tests_step = next(command for name, command, *_ in gpu.steps("out", dry=False) if name == "tests")
+    # the files whose CUDA cases skip here, and one without any
+    assert {"test_model.py", "tests/test_perf.py"} <= set(tests_step)
+    assert "tests/test_gpu_check.py" not in tests_step
+
+
 @pytest.mark.parametrize("files", ["absent", "empty"])
 def test_the_gpu_check_without_its_files_stops_in_one_line_before_any_step(tmp_path, files):
     folder = tmp_path / "files"
