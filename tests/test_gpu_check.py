@@ -52,11 +52,12 @@ def test_the_gpu_check_refuses_an_unknown_option(tmp_path):
 
 
 def test_the_gpu_check_runs_only_the_steps_named_in_the_order_named(tmp_path):
-    run = subprocess.run([sys.executable, GPU, str(tmp_path), "--cpu-dry-run", "--steps=prepare"],
+    # the benchmark reads no shards (--prepare_tokens=0): it can run before prepare
+    run = subprocess.run([sys.executable, GPU, str(tmp_path), "--cpu-dry-run", "--steps=bench_gpt2,prepare"],
                          env=ENV, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     with open(tmp_path / "summary.json") as f:
-        assert list(json.load(f)["steps"]) == ["prepare"]
+        assert list(json.load(f)["steps"]) == ["bench_gpt2", "prepare"]
     gpu = gpu_script()
     assert [name for name, *_ in gpu.steps(str(tmp_path), dry=False)][:3] == ["tests", "prepare", "train_toy"]
 
@@ -96,10 +97,10 @@ def test_the_gpu_check_needs_the_test_suites_sample_only_where_it_runs_the_suite
     (tmp_path / "tiktoken_cache").mkdir()
     for name in gpu.TOKENIZER:
         shutil.copy(os.path.join(FILES, "tiktoken_cache", name), tmp_path / "tiktoken_cache")
-    assert gpu.missing_inputs(str(tmp_path), dry=True) is None
-    problem = gpu.missing_inputs(str(tmp_path), dry=False)
+    assert gpu.missing_inputs(str(tmp_path), tests=False) is None
+    problem = gpu.missing_inputs(str(tmp_path), tests=True)
     assert "\n" not in problem and "; it lacks data/fineweb-edu-sample-150.parquet (" in problem
-    assert gpu.missing_inputs(FILES, dry=False) is None
+    assert gpu.missing_inputs(FILES, tests=True) is None
 
 
 # train.py's loop with the tiny model, compiled as on a GPU but by dynamo alone (no C++ compiler):
