@@ -21,6 +21,13 @@ def die(message):
     raise SystemExit(f"error: {message}")
 
 
+def at_least(low, **flags):
+    """Stop with a one-line error naming the first of the flags whose value is below low."""
+    for flag, v in flags.items():
+        if v < low:
+            die(f"--{flag} must be at least {low}, got {v}")
+
+
 def _convert(key, raw, default):
     want = type(default)
     if want is str:

@@ -5,7 +5,7 @@ Sample from a trained TopK LM (alpha = 0: exactly k neurons per token, as after 
 """
 import torch
 
-from configurator import configure, die
+from configurator import at_least, configure, die
 from toolkit.common import autocast, load_model, resolve_device, resolve_dtype
 from toolkit.cpu_fast import enable as cpu_fast_paths
 from toolkit.data import N_TOKENS, decode, encode_prompt
@@ -23,8 +23,8 @@ cpu_fast = True  # on a CPU, toolkit/cpu_fast.py's sparse TopK MLP (model.py's n
 dtype = 'auto'  # 'auto' (bfloat16 on GPUs that compute in it natively, float16 on older ones, float32 on CPU), 'float32', 'bfloat16', 'float16'
 # -----------------------------------------------------------------------------
 configure(globals())
-if max_new_tokens < 1:
-    die(f"--max_new_tokens must be at least 1, got {max_new_tokens}")
+at_least(1, max_new_tokens=max_new_tokens, num_samples=num_samples)
+at_least(0, top_k=top_k)
 if temperature < 0:
     die(f"--temperature must be >= 0, got {temperature}")
 

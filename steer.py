@@ -22,7 +22,7 @@ import math
 import os
 import time
 
-from configurator import configure, die
+from configurator import at_least, configure, die
 from toolkit.common import load_model, resolve_device, run_folder
 from toolkit.cpu_fast import enable as cpu_fast_paths
 from toolkit.data import decode, encode_prompt
@@ -61,12 +61,8 @@ device = 'auto'
 cpu_fast = True  # on a CPU, toolkit/cpu_fast.py's sparse TopK MLP (model.py's numbers, faster); False: model.py's code
 # -----------------------------------------------------------------------------
 configure(globals())
-for flag, v in (('max_new_tokens', max_new_tokens), ('num_samples', num_samples), ('candidates', candidates),
-                ('n_finalists', n_finalists)):
-    if v < 1:
-        die(f"--{flag} must be at least 1, got {v}")
-if refine < 0:
-    die(f"--refine must be at least 0, got {refine}")
+at_least(1, max_new_tokens=max_new_tokens, num_samples=num_samples, candidates=candidates, n_finalists=n_finalists)
+at_least(0, refine=refine)
 if max_scale < 0:
     die(f"--max_scale must be at least 0 (0: no doubling past --scales), got {max_scale}")
 if not max_ppl_ratio > 0:

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import configure, die
+from configurator import at_least, configure, die
 from model import GPT, GPTConfig, SCHEDULES, annealed_alpha, annealing_span
 from toolkit.common import autocast, device_facts, keep_freed_memory, peak_flops, resolve_device, resolve_dtype, save_checkpoint
 from toolkit.cpu_fast import enable as cpu_fast_paths
@@ -70,9 +70,16 @@ cpu_fast = True  # on a CPU, toolkit/cpu_fast.py's sparse TopK MLP and chunked l
 # -----------------------------------------------------------------------------
 given = set()  # the keys a config file or flag set: the others may come from --init_from's weights
 config = configure(globals(), given=given)
-for flag, v in (('eval_interval', eval_interval), ('eval_iters', eval_iters), ('log_interval', log_interval)):
-    if v < 1:
-        die(f"--{flag} must be at least 1, got {v}")
+at_least(1, eval_interval=eval_interval, eval_iters=eval_iters, log_interval=log_interval, batch_size=batch_size,
+         gradient_accumulation_steps=gradient_accumulation_steps)
+at_least(0, max_iters=max_iters, seed=seed, learning_rate=learning_rate, min_lr=min_lr)
+if not 0 <= annealing_ratio <= 1:  # above 1 alpha never reaches 0: the model would never be trained sparse
+    die(f"--annealing_ratio must be between 0 and 1, got {annealing_ratio}")
+for flag, v in (('beta1', beta1), ('beta2', beta2)):
+    if not 0 <= v < 1:
+        die(f"--{flag} must be at least 0 and below 1, got {v}")
+if os.path.exists(out_dir) and not os.path.isdir(out_dir):  # found now, not at the first save
+    die(f"--out_dir={out_dir} is a file, not a folder")
 
 # -----------------------------------------------------------------------------
 # processes: torchrun sets RANK; every process runs this same script
@@ -278,8 +285,10 @@ while True:
                   f"val ppl {math.exp(losses['val']):.2f}", flush=True)
             save(ckpt_path, full=True)
         t0 += time.time() - t_eval  # tokens/s counts training time only
-    snapshot_due = ckpt_interval > 0 and iter_num % ckpt_interval == 0 and not resumed_here
     snapshot = os.path.join(out_dir, f'ckpt_{iter_num:06d}.pt')
+    # a run stopped between writing ckpt.pt and this snapshot resumes at this state: write it then
+    snapshot_due = (ckpt_interval > 0 and iter_num % ckpt_interval == 0
+                    and not (resumed_here and os.path.exists(snapshot)))
     if iter_num >= end_iter:
         if snapshot_due and master:
             save(snapshot, full=False)

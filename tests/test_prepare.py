@@ -216,6 +216,15 @@ def test_unrecorded_shards_are_not_overwritten(tmp_path):
     assert shards(tmp_path) == {foreign.name: before}
 
 
+def test_a_split_is_a_word_of_the_shard_name_not_any_part_of_it(tmp_path):
+    for name in ("medieval_val_000000.bin", "medieval_train_000001.bin", "tiny_shakespeare_val.bin",
+                 "fineweb-train-000002.bin"):
+        data.write_shard(tmp_path / name, np.arange(3))
+    names = lambda split: [os.path.basename(p) for p in data.shard_paths(str(tmp_path), split)]  # noqa: E731
+    assert names("val") == ["medieval_val_000000.bin", "tiny_shakespeare_val.bin"]
+    assert names("train") == ["fineweb-train-000002.bin", "medieval_train_000001.bin"]
+
+
 def test_the_vocabulary_check_reads_the_header_not_every_token(tmp_path, monkeypatch):
     path = str(tmp_path / "x_train_000000.bin")
     data.write_shard(path, np.array([1, 700, 3]))

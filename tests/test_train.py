@@ -186,6 +186,16 @@ def test_n_iterations_then_resuming_for_n_more_is_the_2n_iteration_run_bit_for_b
     assert_same_training_state(split.out / "ckpt.pt", whole.out / "ckpt.pt")
 
 
+def test_a_snapshot_lost_between_ckpt_pt_and_it_is_written_on_resume(reference, data, run_main, tmp_path):
+    # iteration 2 writes ckpt.pt at its evaluation, then ckpt_000002.pt: a crash between the two
+    # leaves ckpt.pt at 2 without its snapshot, and the resumed run starts from exactly that state
+    run_main("train.py", *TRAIN, f"--data_dir={data}", f"--out_dir={tmp_path}", "--stop_iter=2")
+    os.remove(tmp_path / "ckpt_000002.pt")
+    run_main("train.py", *TRAIN, f"--data_dir={data}", f"--out_dir={tmp_path}", "--init_from=resume", "--stop_iter=3")
+    a, b = (torch.load(out / "ckpt_000002.pt", weights_only=True)["model"] for out in (tmp_path, reference.out))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_extending_a_run_keeps_alpha_where_its_annealing_ended(reference, data, run_main, tmp_path):
     shutil.copy(reference.out / "ckpt.pt", tmp_path)  # 4 iterations, alpha 0 from iteration 2 on
     printed = run_main("train.py", *TRAIN, f"--data_dir={data}", f"--out_dir={tmp_path}", "--init_from=resume",
@@ -338,7 +348,8 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(data, refe
     assert f"The last good checkpoint is in {tmp_path}" in error
     assert sha256(tmp_path / "ckpt.pt") == good
     snapshots = sorted(glob.glob(str(tmp_path / "ckpt_*.pt")))
-    assert [os.path.basename(p) for p in snapshots] == [f"ckpt_{i:06d}.pt" for i in range(5, int(failed[1]))]
+    # from the resumed state (4: only its ckpt.pt was copied here) to the last before the NaN
+    assert [os.path.basename(p) for p in snapshots] == [f"ckpt_{i:06d}.pt" for i in range(4, int(failed[1]))]
     for path in snapshots:  # the models before the failing iteration, none after it
         assert all(torch.isfinite(w).all() for w in torch.load(path, weights_only=True)["model"].values()), path
     assert {k: v for k, v in fingerprint(tmp_path).items() if not k.startswith("ckpt_")} == before

@@ -5,6 +5,7 @@ Nothing here needs torch, so prepare.py starts without importing it.
 import functools
 import glob
 import os
+import re
 import tempfile
 
 import numpy as np
@@ -147,13 +148,15 @@ def load_splits(data_dir, vocab_size, block_size):
 
 
 def shard_paths(data_dir, split):
-    """The shards of a split: .bin files whose names contain 'train' or 'val', in name order."""
+    """The shards of a split, in name order: .bin files whose names hold 'train' or 'val' as a word
+    between '_', '-', '.' or the ends (NAME_val_000000.bin, llm.c's tiny_shakespeare_val.bin), so a
+    train shard of a corpus named 'medieval' is not read as validation data."""
     if not os.path.isdir(data_dir):
         die(f"data_dir {data_dir!r} does not exist (run prepare.py first)")
-    paths = sorted(p for p in glob.glob(os.path.join(data_dir, "*.bin"))
-                   if split in os.path.basename(p))
+    word = re.compile(rf"(^|[_.-]){split}([_.-]|$)")
+    paths = sorted(p for p in glob.glob(os.path.join(data_dir, "*.bin")) if word.search(os.path.basename(p)))
     if not paths:
-        die(f"no {split} shards (*{split}*.bin) in data_dir {data_dir!r} (run prepare.py first)")
+        die(f"no {split} shards (NAME_{split}_000000.bin) in data_dir {data_dir!r} (run prepare.py first)")
     return paths
 
 

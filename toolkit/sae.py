@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from torch.nn import functional as F
 
-from configurator import configure, die
+from configurator import at_least, configure, die
 from model import topk_layers
 from toolkit.analysis import analyse, mean_over_firing, semantic_clusters
 from toolkit.common import load_model, resolve_device, run_checkpoints
@@ -158,10 +158,8 @@ def checked_flags():
             "pip install -r toolkit/requirements-interop.txt, or give --trainer=own")
     if kind not in ('sae', 'transcoder', 'both'):
         die(f"--kind must be sae, transcoder or both, got {kind!r}")
-    for flag, v in (('n_tokens', n_tokens), ('batch_size', batch_size), ('dead_tokens', dead_tokens),
-                    ('eval_tokens', eval_tokens), ('top_m', top_m), ('n_clusters', n_clusters)):
-        if v < 1:
-            die(f"--{flag} must be positive, got {v}")
+    at_least(1, n_tokens=n_tokens, batch_size=batch_size, dead_tokens=dead_tokens, eval_tokens=eval_tokens,
+             top_m=top_m, n_clusters=n_clusters)
     if lr < 0:
         die(f"--lr must be >= 0 (0: the rule), got {lr}")
     if not 0 < early < 1:
