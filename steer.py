@@ -61,8 +61,9 @@ device = 'auto'
 cpu_fast = True  # on a CPU, toolkit/cpu_fast.py's sparse TopK MLP (model.py's numbers, faster); False: model.py's code
 # -----------------------------------------------------------------------------
 configure(globals())
-at_least(1, max_new_tokens=max_new_tokens, num_samples=num_samples, candidates=candidates, n_finalists=n_finalists)
-at_least(0, refine=refine)
+at_least(1, max_new_tokens=max_new_tokens, num_samples=num_samples, candidates=candidates, n_finalists=n_finalists,
+         top_m=top_m, batch_size=batch_size, eval_tokens=eval_tokens)
+at_least(0, refine=refine, top_k=top_k, temperature=temperature)
 if max_scale < 0:
     die(f"--max_scale must be at least 0 (0: no doubling past --scales), got {max_scale}")
 if not max_ppl_ratio > 0:
@@ -71,6 +72,8 @@ try:
     sweep_scales = [float(s) for s in scales.split(',')]
 except ValueError:
     die(f"--scales expects numbers separated by commas, e.g. 0.5,1,2,4, got {scales!r}")
+if not all(0 < s < math.inf for s in sweep_scales):  # a multiple of the neuron's maximum: 0 is no steering
+    die(f"--scales must be positive, got {scales!r}")
 prompt_list = prompts.split('|')
 prompt_ids = [encode_prompt(p, '--prompts') for p in prompt_list]  # before loading the model: dies on an empty prompt
 

@@ -82,6 +82,18 @@ def test_entropy_py_traces_every_checkpoint_and_agrees_with_analyse(copied_runs,
     assert not (out / 'analysis' / 'neurons_layer2.html').exists()
 
 
+def test_every_checkpoint_of_a_run_is_clustered_in_its_final_embedding(tiny_runs, tmp_path):
+    final = load_checkpoint(str(tiny_runs / 'topk'))['model']['transformer.wte.weight']
+    early = load_checkpoint(str(tiny_runs / 'topk' / 'ckpt_000000.pt'))['model']['transformer.wte.weight']
+    assert not torch.equal(early, final)  # trained in between
+    assert torch.equal(analysis.reference_wte(str(tiny_runs / 'topk' / 'ckpt_000000.pt')), final)
+    assert torch.equal(analysis.reference_wte(str(tiny_runs / 'topk')), final)
+    assert torch.equal(analysis.reference_wte(str(tiny_runs / 'topk'), str(tiny_runs / 'topk' / 'ckpt_000000.pt')), early)
+    alone = tmp_path / 'snapshot.pt'  # a checkpoint with no run beside it is its own reference
+    alone.write_bytes((tiny_runs / 'topk' / 'ckpt_000000.pt').read_bytes())
+    assert torch.equal(analysis.reference_wte(str(alone)), early)
+
+
 def test_analysis_prints_one_neuron_with_its_contexts(tiny_runs, run_main):
     model, ckpt = load_model(str(tiny_runs / 'topk'))
     stats = collect(model, load_eval_tokens(ckpt['config']['data_dir'], 2048, 32), [0], top_m=32)

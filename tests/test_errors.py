@@ -83,6 +83,14 @@ COMMAND_LINE_TABLE = [
      "{d}/run/ckpt.pt is not a dictionary written by sae.py"),
     ("max_new_tokens below 1", "sample.py", ["--out_dir={d}/run", "--max_new_tokens=0"],
      "--max_new_tokens must be at least 1, got 0"),
+    ("no semantic clusters", "toolkit.analysis", ["--out_dir={d}/run", "--neuron=0:1", "--n_clusters=0"],
+     "--n_clusters must be at least 1, got 0"),
+    ("entropy of a neuron the model lacks", "toolkit.entropy", ["--out_dir={d}/run", "--neuron=9:0"],
+     "--neuron: layer 9 out of range [0, 1]"),
+    ("entropy compared with a run of another depth", "toolkit.entropy", ["--out_dir={d}/run", "--compare={d}/shallow"],
+     "--compare={d}/shallow has 1 layers, --out_dir={d}/run 2: they must match"),
+    ("a negative number of neurons to check", "toolkit.trace", ["--out_dir={d}/run", "--check_nodes=-3"],
+     "--check_nodes must be at least 0, got -3"),
     ("no samples", "sample.py", ["--out_dir={d}/run", "--num_samples=-1"], "--num_samples must be at least 1, got -1"),
     ("negative top_k", "sample.py", ["--out_dir={d}/run", "--top_k=-1"], "--top_k must be at least 0, got -1"),
     ("--input matching no file", "prepare.py", ["--input={d}/*.jsonl", "--out_dir={d}/prepared"],
@@ -123,6 +131,11 @@ def make_input(d, name, finished_run):
         gpt2_folder(path, len(header).to_bytes(8, "little") + header + wte.tobytes())
     elif name == "small_vocab":  # a run's weights with a vocabulary of 512, below the shards' token ids
         args = dict(load_checkpoint(str(finished_run))["model_args"], vocab_size=512)
+        os.makedirs(path)
+        save_checkpoint(dict(model=GPT(GPTConfig(**args)).state_dict(), model_args=args, iter_num=0, config={}),
+                        os.path.join(path, "ckpt.pt"))
+    elif name == "shallow":  # a run's weights one layer shallower
+        args = dict(load_checkpoint(str(finished_run))["model_args"], n_layer=1)
         os.makedirs(path)
         save_checkpoint(dict(model=GPT(GPTConfig(**args)).state_dict(), model_args=args, iter_num=0, config={}),
                         os.path.join(path, "ckpt.pt"))
@@ -222,7 +235,8 @@ def test_bad_input_met_by_a_call_fails_in_one_line_and_touches_nothing(tmp_path,
 
 
 @pytest.mark.parametrize('bad', ['--layer=3', '--neuron=128', '--neuron=-1', '--prompts=The| ', '--max_new_tokens=0',
-                                 '--scales=1,x', '--refine=-1'])
+                                 '--scales=1,x', '--scales=0', '--scales=-1,2', '--refine=-1', '--top_m=0',
+                                 '--batch_size=0', '--temperature=-1', '--top_k=-5', '--eval_tokens=10'])
 def test_steer_rejects_bad_flags_in_one_line(tiny_runs, run_main, bad):
     # in this process, to save an interpreter start per case; die() raises SystemExit
     with pytest.raises(SystemExit) as e:

@@ -68,6 +68,12 @@ def scales_tried(plan, ppl):
         return [r['scale'] for r in done.value]
 
 
+def test_a_concept_word_is_hit_as_a_whole_word_whatever_its_edge_characters():
+    pattern = hit_pattern(['job', 'c++', 'u.s.'])
+    assert [bool(pattern.search(text)) for text in ('a job.', 'Jobs', 'I like C++ a lot', 'in the U.S. today',
+                                                    'abc++', 'jobless')] == [True, False, True, True, False, False]
+
+
 def test_the_sweep_doubles_past_the_grid_while_fluent_up_to_max_scale():
     breaks_at_7 = lambda s: 5.0 if s < 7 else 20.0  # fluent (bound 10) below scale 7
     assert scales_tried(sweep_plan([1, 2], 10, 0, False, 16), breaks_at_7) == [1, 2, 4, 8]
@@ -75,6 +81,7 @@ def test_the_sweep_doubles_past_the_grid_while_fluent_up_to_max_scale():
     assert scales_tried(sweep_plan([1, 2], 10, 2, False, 16), breaks_at_7) == [1, 2, 4, 6, 7, 8]
     assert scales_tried(sweep_plan([1, 2], 10, 0, False, 16), lambda s: 5.0) == [1, 2, 4, 8, 16]  # the cap
     assert scales_tried(sweep_plan([1, 2], 10, 0, False, 0), lambda s: 5.0) == [1, 2]  # 0: the grid's top
+    assert scales_tried(sweep_plan([0], 10, 0, False, 16), lambda s: 5.0) == [0]  # 0 doubles to 0: not again
     # a grid that breaks fluency before its top is not extended
     assert scales_tried(sweep_plan([1, 2, 8], 10, 0, True, 64), breaks_at_7) == [1, 2, 8]
 

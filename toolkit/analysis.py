@@ -19,8 +19,8 @@ import os
 
 import torch
 
-from configurator import configure, die
-from toolkit.common import load_model, resolve_device, run_folder
+from configurator import at_least, configure, die
+from toolkit.common import load_checkpoint, load_model, resolve_device, run_folder
 from toolkit.cpu_fast import enable as cpu_fast_paths
 from toolkit.data import atomic_write, decode
 from toolkit.dictionary import attach_file
@@ -36,6 +36,7 @@ top_m = 32  # M: top-activating positions kept per neuron
 n_clusters = 64  # k-means clusters of the embedding, for semantic entropy
 seed = 1337  # k-means initialisation
 batch_size = 16  # sequences per forward pass
+reference = ''  # checkpoint or run whose wte defines the semantic clusters; '' = the final ckpt.pt of OUT_DIR's run
 dictionary = ''  # an SAE or transcoder file from sae.py: its latents take the place of its layer's neurons
 device = 'auto'
 # -----------------------------------------------------------------------------
@@ -69,6 +70,16 @@ def kmeans(x, k, seed, iters=30):
         sums = torch.zeros_like(centres).index_add_(0, assign, x)
         centres = torch.where(counts > 0, sums / counts.clamp(min=1), centres)  # empty: stays
     return torch.cdist(x, centres).argmin(1)
+
+
+def reference_wte(out_dir, reference=''):
+    """The embedding whose k-means clusters define semantic entropy: reference's (a checkpoint or a
+    run), or else the final checkpoint's of out_dir's run (out_dir: a run or any of its checkpoints;
+    a checkpoint with no ckpt.pt beside it is its own), so that every checkpoint of a run is read in
+    one semantic space."""
+    final = os.path.join(run_folder(out_dir), "ckpt.pt")
+    source = reference or (final if os.path.exists(final) else out_dir)
+    return load_checkpoint(source)["model"]["transformer.wte.weight"]
 
 
 def semantic_clusters(wte, tokens, n_clusters, seed):
@@ -204,6 +215,7 @@ def analyse(model, tokens, layers, top_m, cluster_of, batch_size=16):
 
 def main():
     configure(globals())
+    at_least(1, eval_tokens=eval_tokens, top_m=top_m, n_clusters=n_clusters, batch_size=batch_size)
     model, ckpt = load_model(out_dir, resolve_device(device))
     cpu_fast_paths(model)
     n_layer, page = len(model.transformer.h), "neurons_layer{}.html"
@@ -220,7 +232,7 @@ def main():
     if site is not None and l != site:
         die(f"--dictionary={dictionary} sits at layer {site}, not at layer {l}")
     tokens = run_eval_tokens(eval_data, ckpt, eval_tokens, model.config.block_size)
-    cluster_of = semantic_clusters(model.transformer.wte.weight, tokens, n_clusters, seed)
+    cluster_of = semantic_clusters(reference_wte(out_dir, reference), tokens, n_clusters, seed)
     stats, tables = analyse(model, tokens, [l], top_m, cluster_of, batch_size)
     if neuron:
         print(neuron_summary(model, tables[l], l, j))

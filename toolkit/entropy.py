@@ -22,9 +22,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from configurator import configure, die
-from model import trained_alpha
-from toolkit.analysis import analyse, mean_over_firing, semantic_clusters, specificity_order, write_page
+from configurator import at_least, configure, die
+from model import GPT, GPTConfig, trained_alpha
+from toolkit.analysis import (analyse, mean_over_firing, reference_wte, semantic_clusters, specificity_order,
+                              write_page)
 from toolkit.common import load_checkpoint, load_model, resolve_device, run_checkpoints
 from toolkit.cpu_fast import enable as cpu_fast_paths
 from toolkit.data import atomic_write, decode
@@ -148,10 +149,18 @@ def plot_formation(path, history, l, j, run_name, vocab_size):
 
 def main():
     configure(globals())
+    at_least(1, eval_tokens=eval_tokens, top_m=top_m, n_clusters=n_clusters, batch_size=batch_size)
     dev = resolve_device(device)
     final_ckpt = load_checkpoint(out_dir)
+    if neuron:  # checked now against the model's shape (on the meta device: no weights), not after the sweep
+        with torch.device('meta'):
+            parse_neuron(neuron, GPT(GPTConfig(**final_ckpt['model_args'])))
+    if compare:  # the headline compares layer by layer
+        depth, other = final_ckpt['model_args']['n_layer'], load_checkpoint(compare)['model_args']['n_layer']
+        if depth != other:
+            die(f"--compare={compare} has {other} layers, --out_dir={out_dir} {depth}: they must match")
     tokens = run_eval_tokens(eval_data, final_ckpt, eval_tokens, final_ckpt['model_args']['block_size'])
-    wte = (load_checkpoint(reference) if reference else final_ckpt)['model']['transformer.wte.weight']
+    wte = reference_wte(out_dir, reference)
     cluster_of = semantic_clusters(wte, tokens, n_clusters, seed)
     print(f"{tokens.numel():,} evaluation tokens, {int(cluster_of.max()) + 1} semantic clusters")
     runs = {}
@@ -160,17 +169,17 @@ def main():
         name = name if name not in runs else name + '-compare'
         runs[name] = trace_run(run, name, tokens, cluster_of, dev)
 
+    first = next(iter(runs))
+    model, stats, tables = runs[first]['final']
+    kinds = ['TopK' if is_topk(model, l) else 'dense' for l in tables]
+    l, j = traced_neuron(model, stats, tables, kinds)  # before any file is replaced: it may stop
     out = os.path.join(out_dir, 'analysis')
     os.makedirs(out, exist_ok=True)
     summary = {'eval_tokens': tokens.numel(), 'top_m': top_m, 'n_clusters': int(cluster_of.max()) + 1,
                'runs': {n: {'alpha_zero_iter': r['alpha_zero_iter'], 'checkpoints': r['checkpoints']} for n, r in runs.items()}}
     atomic_write(os.path.join(out, 'entropy.json'), lambda f: f.write(json.dumps(summary, indent=1).encode()))
-    first = next(iter(runs))
-    model, stats, tables = runs[first]['final']
-    kinds = ['TopK' if is_topk(model, l) else 'dense' for l in tables]
     plot_final(os.path.join(out, 'entropy_final.png'), runs, kinds)
     plot_vs_step(os.path.join(out, 'entropy_vs_step.png'), runs, kinds)
-    l, j = traced_neuron(model, stats, tables, kinds)
     plot_formation(os.path.join(out, 'neuron_formation.png'), runs[first]['history'], l, j, first, wte.size(0))
     print(f"traced neuron {l}:{j}")
     if pages:

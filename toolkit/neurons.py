@@ -32,6 +32,8 @@ from toolkit.data import EOT, decode, encode, read_shard, shard_paths
 def load_eval_tokens(source, n_tokens, seq_len):
     """The first n_tokens of a data dir's val shards (or of a .txt file, after <|endoftext|>)
     as (n_seq, seq_len) rows; always the same tokens, so checkpoints and runs compare."""
+    if n_tokens < seq_len:
+        die(f"--eval_tokens={n_tokens} is less than one sequence of {seq_len} tokens")
     if os.path.isfile(source):
         with open(source, encoding="utf-8") as f:
             tokens = np.array([EOT] + encode(f.read()))

@@ -27,7 +27,8 @@ MAX_SCALE = 32  # the sweep doubles past SCALES' top while fluent, up to this
 
 
 def hit_pattern(words):
-    return re.compile(r'\b(?:' + '|'.join(map(re.escape, words)) + r')\b', re.IGNORECASE)
+    # not \b: it needs a word character on its inner side, so "c++" or "u.s." could never match
+    return re.compile(r'(?<!\w)(?:' + '|'.join(map(re.escape, words)) + r')(?!\w)', re.IGNORECASE)
 
 
 @torch.no_grad()
@@ -116,7 +117,7 @@ def sweep_plan(strengths, bound, refine, full_sweep, max_scale):
         if not full_sweep and not sweep[-1]['ppl'] <= bound:
             break
     else:  # the whole grid was tried: while its strongest is still fluent, double it
-        while max_scale and sweep[-1]['ppl'] <= bound and 2 * sweep[-1]['scale'] <= max_scale:
+        while max_scale and sweep[-1]['ppl'] <= bound and 0 < 2 * sweep[-1]['scale'] <= max_scale:
             sweep.append((yield 2 * sweep[-1]['scale']))
     for _ in range(refine):
         gap = fluency_gap(sweep, bound)

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from configurator import configure, die
+from configurator import at_least, configure, die
 from model import trained_alpha
 from toolkit.common import load_model, run_folder
 from toolkit.data import atomic_write, decode, encode, encode_prompt
@@ -332,6 +332,7 @@ def check(model, graph, node_influence, keep, n=20):
 
 def main():
     configure(globals())
+    at_least(0, check_nodes=check_nodes, eval_tokens=eval_tokens)
     if not os.path.exists(os.path.join(out_dir, 'ckpt.pt') if os.path.isdir(out_dir) else out_dir):
         die(f"no checkpoint in --out_dir={out_dir} (train one with train.py)")
     if not (0 < node_threshold <= 1 and 0 < edge_threshold <= 1):
@@ -355,6 +356,7 @@ def main():
         if len(t) != 1:
             die(f"--target={target!r} is {len(t)} GPT-2 tokens; give one token (a leading space counts)")
         targets = t
+    tokens = run_eval_tokens(eval_data, ckpt, eval_tokens, model.config.block_size) if eval_tokens else None
     graph = attribute(model, torch.tensor(ids), targets, dense_neurons)
     keep, edges, node_influence = prune(graph, node_threshold, edge_threshold)
     replacement, completeness = scores(graph, node_influence)
@@ -373,7 +375,6 @@ def main():
     for i, p, m in zip(order, predicted, measured):
         print(f"  {node_name(nodes[i])}: influence {node_influence[i]:.4f}, predicted {p:+.4f}, measured {m:+.4f}")
     neurons = {i: nodes[i] for i in keep.nonzero()[:, 0].tolist() if nodes[i][0] == "neuron"}
-    tokens = run_eval_tokens(eval_data, ckpt, eval_tokens, model.config.block_size) if eval_tokens else None
     clerps, contexts = neuron_notes(model, neurons, tokens)
     extra = dict(replacement_score=replacement, completeness_score=completeness, check_r=r,
                  check=[dict(node=f"{nodes[i][1]}_{nodes[i][3]}_{nodes[i][2]}", predicted=p, measured=m)
