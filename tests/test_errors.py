@@ -129,13 +129,10 @@ def make_input(d, name, finished_run):
         wte = np.zeros((50257, 32), np.float32)
         header = json.dumps({"wte.weight": dict(dtype="F32", shape=list(wte.shape), data_offsets=[0, wte.nbytes])}).encode()
         gpt2_folder(path, len(header).to_bytes(8, "little") + header + wte.tobytes())
-    elif name == "small_vocab":  # a run's weights with a vocabulary of 512, below the shards' token ids
-        args = dict(load_checkpoint(str(finished_run))["model_args"], vocab_size=512)
-        os.makedirs(path)
-        save_checkpoint(dict(model=GPT(GPTConfig(**args)).state_dict(), model_args=args, iter_num=0, config={}),
-                        os.path.join(path, "ckpt.pt"))
-    elif name == "shallow":  # a run's weights one layer shallower
-        args = dict(load_checkpoint(str(finished_run))["model_args"], n_layer=1)
+    elif name in ("small_vocab", "shallow"):  # a run's weights with a vocabulary of 512, below the shards'
+        # token ids; or one layer shallower
+        change = dict(vocab_size=512) if name == "small_vocab" else dict(n_layer=1)
+        args = dict(load_checkpoint(str(finished_run))["model_args"], **change)
         os.makedirs(path)
         save_checkpoint(dict(model=GPT(GPTConfig(**args)).state_dict(), model_args=args, iter_num=0, config={}),
                         os.path.join(path, "ckpt.pt"))

@@ -3,7 +3,6 @@ neuron's top contexts on a click, in headless Chromium."""
 import shutil
 
 import pytest
-import torch
 
 from conftest import import_or_skip  # the check comes before the optional import
 import_or_skip(("playwright",), "toolkit/requirements-explore.txt")
