@@ -52,14 +52,16 @@ def test_the_gpu_check_refuses_an_unknown_option(tmp_path):
 
 
 def test_the_gpu_check_runs_only_the_steps_named_in_the_order_named(tmp_path):
-    # the benchmark reads no shards (--prepare_tokens=0): it can run before prepare
-    run = subprocess.run([sys.executable, GPU, str(tmp_path), "--cpu-dry-run", "--steps=bench_gpt2,prepare"],
+    run = subprocess.run([sys.executable, GPU, str(tmp_path), "--cpu-dry-run", "--steps=prepare"],
                          env=ENV, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     with open(tmp_path / "summary.json") as f:
-        assert list(json.load(f)["steps"]) == ["bench_gpt2", "prepare"]
+        assert list(json.load(f)["steps"]) == ["prepare"]
     gpu = gpu_script()
-    assert [name for name, *_ in gpu.steps(str(tmp_path), dry=False)][:3] == ["tests", "prepare", "train_toy"]
+    plan = gpu.steps(str(tmp_path), dry=False)
+    assert [name for name, *_ in plan][:3] == ["tests", "prepare", "train_toy"]
+    assert [name for name, *_ in gpu.select_steps(plan, ["steer", "tests", "prepare"])] == ["steer", "tests", "prepare"]
+    assert gpu.select_steps(plan, None) == plan
 
 
 def test_the_gpu_check_refuses_a_step_it_does_not_have(tmp_path):
