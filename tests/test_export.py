@@ -173,6 +173,21 @@ def test_a_dictionary_of_sae_py_exports_to_saelens_with_its_latents_and_reconstr
     assert sae.cfg.metadata.hook_name == ('blocks.1.hook_mlp_out' if kind == 'sae' else 'blocks.1.ln2.hook_normalized')
 
 
+def test_a_dictionary_exports_only_with_the_checkpoint_it_was_trained_on(tiny_runs, run_main, tmp_path):
+    model, _ = load_model(str(tiny_runs / 'dense'))  # ckpt.pt, iteration 8; the series has 0 and 4 too
+    save_dictionary(tmp_path / 'coder.pt', SparseCoder(32, 64, 4, transcoder=True),
+                    dict(kind='transcoder', layer=1, d_in=32, n_latents=64, k=4, model_args=model_shape(model),
+                         source_iter=0))
+    flags = [f'--out_dir={tiny_runs / "dense"}', '--format=saelens', f'--dictionary={tmp_path / "coder.pt"}']
+    with pytest.raises(SystemExit) as e:
+        run_main('toolkit.export', *flags, f'--dest={tmp_path / "final"}')
+    assert str(e.value.code) == (f"error: --dictionary={tmp_path / 'coder.pt'} was trained on iteration 0 of the run, "
+                                 f"not on {tiny_runs / 'dense'} (iteration 8); give --ckpt= that checkpoint")
+    assert not (tmp_path / 'final').exists()
+    run_main('toolkit.export', *flags, '--ckpt=ckpt_000000.pt', f'--dest={tmp_path / "first"}')
+    assert (tmp_path / 'first').is_dir()
+
+
 def test_a_model_without_biases_becomes_a_gpt2_with_the_same_logits(tiny_model):
     model = tiny_model(bias=False)
     model.set_alpha(0.0)
@@ -227,6 +242,8 @@ def another_version(tmp_path, run):
     ('another model version', ['--out_dir={d}/other', '--format=hf'], 'checkpoint {d}/other does not fit the model'),
     ('dest holding the run', ['--out_dir={d}/run', '--format=hf', '--dest={d}', '--overwrite=True'],
      '--dest={d} holds {d}/run, which an export must not replace'),
+    ('dest naming the run through a link', ['--out_dir={d}/run', '--format=hf', '--dest={d}/alias/run', '--overwrite=True'],
+     '--dest={d}/alias/run holds {d}/run, which an export must not replace'),
 ])
 def test_bad_input_fails_in_one_line_and_leaves_no_partial_folder(tiny_runs, run_main, tmp_path, case, flags, message):
     (tmp_path / 'full').mkdir()
@@ -235,6 +252,7 @@ def test_bad_input_fails_in_one_line_and_leaves_no_partial_folder(tiny_runs, run
     another_version(tmp_path, tiny_runs / 'topk')
     (tmp_path / 'run').mkdir()
     shutil.copy(tiny_runs / 'topk' / 'ckpt.pt', tmp_path / 'run')
+    (tmp_path / 'alias').symlink_to(tmp_path)
     values = dict(d=tmp_path, dense=tiny_runs / 'dense')
     flags = [f.format(**values) for f in flags]
     if not any(f.startswith('--dest') for f in flags):

@@ -77,7 +77,7 @@ def checkpoint_path():
     die(f"--ckpt={ckpt} is neither a file in {out_dir} nor a path; the series there: {', '.join(series) or 'none'}")
 
 
-def checked_target(source, model, coded):
+def checked_target(source, model, iter_num, coded):
     """--dest, once every check that can refuse the export has passed (before anything is written)."""
     if format not in FORMATS:
         die(f"--format={format} is not one of {', '.join(FORMATS)}")
@@ -91,22 +91,27 @@ def checked_target(source, model, coded):
         meta = coded[1]
         if meta.get('model_args') != model_shape(model):
             die(f"--dictionary={dictionary} was trained on another model ({meta.get('model_args')}), not on {source}")
+        # the run's checkpoints share a shape: a dictionary fits the weights it was trained on alone
+        if meta.get('source_iter', iter_num) != iter_num:
+            die(f"--dictionary={dictionary} was trained on iteration {meta['source_iter']} of the run, not on "
+                f"{source} (iteration {iter_num}); give --ckpt= that checkpoint")
     target = os.path.abspath(dest or os.path.join(out_dir, f'export_{format}'))
     if os.path.exists(target) and not os.path.isdir(target):
         die(f"--dest={target} is a file, not a folder")
     if os.path.isdir(target) and os.listdir(target) and not overwrite:
         die(f"--dest={target} already holds files; give another --dest or --overwrite=True")
     for kept in filter(None, (out_dir, source, dictionary)):  # --overwrite must never remove what it reads
-        if os.path.commonpath([target, os.path.abspath(kept)]) == target:
+        real = os.path.realpath(target)  # links resolved: one folder may go by two names
+        if os.path.commonpath([real, os.path.realpath(kept)]) == real:
             die(f"--dest={target} holds {kept}, which an export must not replace; give another --dest")
     return target
 
 
 def main():
     source = checkpoint_path()
-    model, _ = load_model(source)
+    model, ckpt = load_model(source)
     coded = load_dictionary(dictionary) if dictionary else None  # (coder, meta)
-    target = checked_target(source, model, coded)
+    target = checked_target(source, model, ckpt['iter_num'], coded)
     parent = os.path.dirname(target)
     try:
         os.makedirs(parent, exist_ok=True)
