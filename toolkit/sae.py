@@ -224,7 +224,9 @@ def stability_of(sae_final, sae_other_seed, sae_early, checkpoints, topk_model, 
     """Is it the same dictionary again? SAEs of two seeds, and of two checkpoints, matched one to
     one; the TopK LM's neurons at two checkpoints, neuron j against neuron j."""
     sites, cfg = list(sae_final), topk_model.config
-    initial = (sparsify_train.initial_coders if trainer == 'sparsify' else initial_coders)(cfg.n_embd, sae_final[sites[0]].encoder.out_features, cfg.topk, 'sae', seed, sites)
+    rebuild = sparsify_train.initial_coders if trainer == 'sparsify' else initial_coders
+    # on dev: sparsify draws its starting coders on the device it trains on
+    initial = rebuild(cfg.n_embd, sae_final[sites[0]].encoder.out_features, cfg.topk, 'sae', seed, sites, dev)
     early_iter, early_path = checkpoints['early']
     early_tables = tables_of(cpu_fast_paths(load_model(early_path, dev)[0]), sae_early)
     topk_early_iter, topk_early_path = snapshot_near(compare, early)

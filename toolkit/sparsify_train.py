@@ -45,11 +45,13 @@ def sparsify_config(n_latents, k, kind):
 
 def initial_coders(d_in, n_latents, k, kind, seed, layers, dev='cpu'):
     """{layer: coder} as sparsify's Trainer starts them: seeded afresh for every hookpoint, so
-    every layer starts from the same coder."""
+    every layer starts from the same coder, and drawn on dev, as it draws them (a CUDA generator's
+    numbers are not the CPU's)."""
     out = {}
     for l in layers:
         torch.manual_seed(seed)
-        out[l] = converted(SparsifyCoder(d_in, sparsify_config(n_latents, k, kind)), kind == 'transcoder').to(dev)
+        coder = SparsifyCoder(d_in, sparsify_config(n_latents, k, kind), dev, dtype=torch.float32)
+        out[l] = converted(coder, kind == 'transcoder').to(dev)
     return out
 
 
