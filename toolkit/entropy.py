@@ -24,8 +24,7 @@ import torch
 
 from configurator import at_least, configure, die
 from model import GPT, GPTConfig, trained_alpha
-from toolkit.analysis import (analyse, mean_over_firing, reference_wte, semantic_clusters, specificity_order,
-                              write_page)
+from toolkit.analysis import analyse, mean_over_firing, semantic_clusters, specificity_order, write_page
 from toolkit.common import load_checkpoint, load_model, resolve_device, run_checkpoints
 from toolkit.cpu_fast import enable as cpu_fast_paths
 from toolkit.data import atomic_write, decode
@@ -160,7 +159,7 @@ def main():
         if depth != other:
             die(f"--compare={compare} has {other} layers, --out_dir={out_dir} {depth}: they must match")
     tokens = run_eval_tokens(eval_data, final_ckpt, eval_tokens, final_ckpt['model_args']['block_size'])
-    wte = reference_wte(out_dir, reference)
+    wte = (load_checkpoint(reference) if reference else final_ckpt)['model']['transformer.wte.weight']
     cluster_of = semantic_clusters(wte, tokens, n_clusters, seed)
     print(f"{tokens.numel():,} evaluation tokens, {int(cluster_of.max()) + 1} semantic clusters")
     runs = {}
